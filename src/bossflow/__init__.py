@@ -1,0 +1,38 @@
+"""bossflow: Bellman optimal step sizes and straightening for pretrained flow-matching models.
+
+Time runs from 0 (noise) to 1 (data); a velocity field is any callable ``v(x, t)`` with
+``x: (B, ...)`` and ``t: (B,)``. See :mod:`bossflow.field` for adapters to other conventions.
+
+Typical use::
+
+    import bossflow
+    cost = bossflow.cost_matrix(field, noise, grid=100)          # paper eq. 5
+    schedules = bossflow.bellman_schedules(cost, [2, 4, 8])      # paper eq. 8
+    x = bossflow.sample(field, noise, schedules[4])              # 4 Euler steps
+"""
+
+from .bellman import CostMatrix, bellman_schedules, cost_matrix
+from .errors import BossflowError
+from .field import NFECounter, VelocityField
+from .noise import NoiseSource
+from .schedule import Schedule, edm, quadratic, uniform
+from .solvers import reference_solve, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BossflowError",
+    "CostMatrix",
+    "NFECounter",
+    "NoiseSource",
+    "Schedule",
+    "VelocityField",
+    "bellman_schedules",
+    "cost_matrix",
+    "edm",
+    "quadratic",
+    "reference_solve",
+    "sample",
+    "uniform",
+    "__version__",
+]

@@ -1,0 +1,378 @@
+"""The Bellman cost matrix: what one Euler jump between two fine-grid times costs (paper eq. 5).
+
+For a fine grid ``0 = tau_0 < ... < tau_N = 1`` and M noises ``z^m``, fine Euler trajectories give
+states ``x^m_0..x^m_N`` and velocities ``v^m_i = v(x^m_i, tau_i)``. For ``0 <= i < j <= N``:
+
+    c[i, j] = (1/M) sum_m || x^m_i + (tau_j - tau_i) v^m_i - x^m_j ||^2      (sum over all pixels)
+
+``c[i, i+1] = 0`` by construction (up to float rounding of the Euler states). Entries with
+``j <= i`` are 0 and never used.
+
+Trajectories are streamed batch by batch (memory O(batch * N * D)); the per-sample costs are summed
+in float64 together with their squares and the count, so a partial result can be saved, resumed and
+merged with another exactly (sums add).
+
+Squared L2 uses a Gram expansion in float64 (three matrix products per batch), which is exact to
+about 1e-12 of the matrix's scale; float32 would cancel catastrophically for small steps (see
+benchmarks/bench_cost.py). Any other metric goes through the direct path, which forms every
+prediction ``x_i + (tau_j - tau_i) v_i`` and calls ``metric(pred, target) -> (n,)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError, ConfigError, CostMatrixError
+from ..field import VelocityField, check_velocity
+from ..schedule import Schedule, uniform
+
+__all__ = [
+    "CostMatrix",
+    "cost_matrix",
+    "fine_trajectories",
+    "batch_costs",
+    "METRICS",
+    "resolve_grid",
+]
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+def _l1(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target).abs().flatten(1).sum(1)
+
+
+def _l2(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target).flatten(1).norm(dim=1)
+
+
+def _sq_l2_direct(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target).flatten(1).pow(2).sum(1)
+
+
+# name -> per-sample metric; "sq_l2" (the paper's) has a fast path and needs no function.
+METRICS: dict[str, Metric | None] = {
+    "sq_l2": None,
+    "sq_l2_direct": _sq_l2_direct,
+    "l2": _l2,
+    "l1": _l1,
+}
+
+
+def _metric(metric: str | Metric) -> tuple[str, Metric | None]:
+    if callable(metric):
+        return getattr(metric, "__name__", "custom"), metric
+    try:
+        return metric, METRICS[metric]
+    except KeyError:
+        raise ConfigError(
+            f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a callable "
+            "metric(pred, target) -> (n,) per-sample values"
+        ) from None
+
+
+def resolve_grid(grid: Schedule | int | Sequence[float] | None) -> Schedule:
+    """A fine grid from a Schedule, a number of uniform intervals N (default 100) or a list."""
+    if grid is None:
+        return uniform(100)
+    if isinstance(grid, Schedule):
+        return grid
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        return uniform(int(grid))
+    return Schedule(np.asarray(grid, dtype=np.float64), method="custom")
+
+
+def fine_trajectories(field: VelocityField, noise: Tensor, grid: Schedule) -> tuple[Tensor, Tensor]:
+    """Fine Euler trajectories on ``grid``.
+
+    Args:
+        field: velocity field.
+        noise: (B, ...) states at t = 0.
+        grid: fine grid with N + 1 times.
+
+    Returns:
+        ``(states, velocities)``: (B, N + 1, ...) states ``x_0..x_N`` and (B, N, ...) velocities
+        ``v_0..v_{N-1}``, in the dtype and on the device of ``noise``.
+    """
+    times = grid.times
+    n = len(times) - 1
+    states = noise.new_empty((noise.shape[0], n + 1, *noise.shape[1:]))
+    vels = noise.new_empty((noise.shape[0], n, *noise.shape[1:]))
+    x = noise
+    states[:, 0] = x
+    with torch.no_grad():
+        for i in range(n):
+            t = torch.full((x.shape[0],), float(times[i]), dtype=x.dtype, device=x.device)
+            v = check_velocity(field(x, t), x)
+            vels[:, i] = v
+            x = x + float(times[i + 1] - times[i]) * v
+            states[:, i + 1] = x
+    return states, vels
+
+
+def batch_costs(
+    states: Tensor, velocities: Tensor, times: np.ndarray, metric: str | Metric = "sq_l2"
+) -> Tensor:
+    """Per-sample one-step costs for a batch of trajectories.
+
+    Args:
+        states: (B, N + 1, ...) fine states.
+        velocities: (B, N, ...) velocities at the first N states.
+        times: (N + 1,) fine grid.
+        metric: ``"sq_l2"`` (fast float64 Gram path) or a name in :data:`METRICS` or a callable.
+
+    Returns:
+        (B, N + 1, N + 1) float64 per-sample costs; entries with ``j <= i`` are 0.
+    """
+    _, fn = _metric(metric)
+    b, n1 = states.shape[:2]
+    n = n1 - 1
+    tau = torch.tensor(np.array(times, dtype=np.float64), device=states.device)
+    delta = (tau[None, :] - tau[:, None])[:n]  # (N, N+1): tau_j - tau_i for i < N
+    upper = torch.ones(n1, n1, dtype=torch.bool, device=states.device).triu(1)
+    if fn is None:
+        x = states.reshape(b, n1, -1).double()
+        v = velocities.reshape(b, n, -1).double()
+        gxx = x @ x.transpose(1, 2)  # (B, N+1, N+1): <x_i, x_j>
+        gvx = v @ x.transpose(1, 2)  # (B, N, N+1):   <v_i, x_j>
+        sq_x = gxx.diagonal(dim1=1, dim2=2)  # |x_i|^2
+        sq_v = v.pow(2).sum(-1)  # |v_i|^2
+        # || x_i - x_j + d v_i ||^2 = |x_i|^2 + |x_j|^2 - 2<x_i,x_j> + 2d(<v_i,x_i> - <v_i,x_j>) + d^2|v_i|^2
+        vx_ii = gvx.diagonal(dim1=1, dim2=2)  # <v_i, x_i>, (B, N)
+        c = (
+            sq_x[:, :n, None]
+            + sq_x[:, None, :]
+            - 2.0 * gxx[:, :n, :]
+            + 2.0 * delta * (vx_ii[:, :, None] - gvx)
+            + delta.pow(2) * sq_v[:, :, None]
+        )
+        out = torch.zeros(b, n1, n1, dtype=torch.float64, device=states.device)
+        out[:, :n, :] = c.clamp_min_(0.0)
+        return out * upper
+    out = torch.zeros(b, n1, n1, dtype=torch.float64, device=states.device)
+    for i in range(n):
+        targets = states[:, i + 1 :]  # (B, N - i, ...)
+        d = delta[i, i + 1 :].to(states.dtype).view(1, -1, *([1] * (states.ndim - 2)))
+        preds = states[:, i : i + 1] + d * velocities[:, i : i + 1]
+        vals = fn(preds.flatten(0, 1), targets.flatten(0, 1))
+        if vals.shape != (preds.shape[0] * preds.shape[1],):
+            raise CostMatrixError(
+                f"metric returned shape {tuple(vals.shape)}; it must return one value per sample, "
+                f"shape ({preds.shape[0] * preds.shape[1]},)"
+            )
+        out[:, i, i + 1 :] = vals.double().view(b, -1)
+    return out
+
+
+@dataclass
+class CostMatrix:
+    """Accumulated one-step costs on a fine grid.
+
+    Attributes:
+        grid: the fine grid (N + 1 times).
+        sum: (N + 1, N + 1) float64, sum over samples of the per-sample costs.
+        sumsq: (N + 1, N + 1) float64, sum of their squares (for standard errors).
+        count: number of samples accumulated.
+        metric: the metric's name.
+        meta: JSON-serialisable facts (model id, seed, ...), carried into schedules.
+    """
+
+    grid: Schedule
+    sum: np.ndarray
+    sumsq: np.ndarray
+    count: int = 0
+    metric: str = "sq_l2"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, grid: Schedule, metric: str = "sq_l2", meta: dict | None = None) -> CostMatrix:
+        n1 = len(grid.times)
+        z = np.zeros((n1, n1), dtype=np.float64)
+        return cls(grid, z, z.copy(), 0, metric, dict(meta or {}))
+
+    @property
+    def n(self) -> int:
+        """Number of fine intervals N."""
+        return len(self.grid.times) - 1
+
+    @property
+    def values(self) -> np.ndarray:
+        """(N + 1, N + 1) float64 mean cost ``c[i, j]`` (0 for ``j <= i``)."""
+        if self.count == 0:
+            raise CostMatrixError("the cost matrix has no samples yet")
+        return self.sum / self.count
+
+    @property
+    def stderr(self) -> np.ndarray:
+        """(N + 1, N + 1) standard error of each mean ``c[i, j]`` over samples."""
+        if self.count < 2:
+            return np.full_like(self.sum, np.nan)
+        mean = self.sum / self.count
+        var = np.maximum(self.sumsq / self.count - mean**2, 0.0) * self.count / (self.count - 1)
+        return np.sqrt(var / self.count)
+
+    def update(self, costs: Tensor) -> None:
+        """Add a batch of per-sample costs, (B, N + 1, N + 1) float64."""
+        c = costs.detach().to("cpu", torch.float64)
+        self.sum += c.sum(0).numpy()
+        self.sumsq += c.pow(2).sum(0).numpy()
+        self.count += int(c.shape[0])
+
+    def merge(self, other: CostMatrix) -> CostMatrix:
+        """The sum of two partial results on the same grid and metric (e.g. two processes)."""
+        if not np.array_equal(self.grid.times, other.grid.times) or self.metric != other.metric:
+            raise CostMatrixError("cannot merge cost matrices made on different grids or metrics")
+        return CostMatrix(
+            self.grid,
+            self.sum + other.sum,
+            self.sumsq + other.sumsq,
+            self.count + other.count,
+            self.metric,
+            dict(self.meta),
+        )
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as ``.npz`` (atomically). Holds sums, count, grid, metric and meta."""
+        import json
+
+        from ..io import atomic_write
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(
+                    fh,
+                    sum=self.sum,
+                    sumsq=self.sumsq,
+                    count=np.int64(self.count),
+                    grid=np.asarray(self.grid.times),
+                    metric=np.str_(self.metric),
+                    meta=np.str_(json.dumps(self.meta)),
+                    values=self.values if self.count else self.sum,
+                )
+
+        return atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CostMatrix:
+        """Read a file written by :meth:`save`; a clear error if it is not one."""
+        import json
+        import zipfile
+
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                n1 = data["grid"].shape[0]
+                s, sq = data["sum"], data["sumsq"]
+                if s.shape != (n1, n1) or sq.shape != (n1, n1):
+                    raise CheckpointError(f"{path}: sums do not match the grid of {n1} times")
+                return cls(
+                    Schedule(data["grid"], method="fine"),
+                    s.astype(np.float64),
+                    sq.astype(np.float64),
+                    int(data["count"]),
+                    str(data["metric"]),
+                    json.loads(str(data["meta"])),
+                )
+        except FileNotFoundError:
+            raise CheckpointError(f"cost matrix file {path} does not exist") from None
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"{path} is not a readable bossflow cost matrix ({err}); delete it to recompute"
+            ) from None
+
+
+NoiseLike = Tensor | Callable[[range], Tensor]
+
+
+def cost_matrix(
+    field: VelocityField,
+    noise: NoiseLike,
+    grid: Schedule | int | Sequence[float] | None = None,
+    batch_size: int = 64,
+    metric: str | Metric = "sq_l2",
+    samples: int | None = None,
+    cache: str | os.PathLike | None = None,
+    progress: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> CostMatrix:
+    """Measure the one-step cost matrix of ``field`` (paper eq. 5) on fine Euler trajectories.
+
+    Args:
+        field: velocity field ``v(x, t)``.
+        noise: an (M, ...) tensor of noises, or a callable ``noise(range(a, b)) -> (b - a, ...)``
+            (e.g. :class:`~bossflow.noise.NoiseSource`), then ``samples`` gives M.
+        grid: the fine grid: a Schedule, an int N for the uniform grid (default 100), or a list.
+        batch_size: trajectories integrated at once (memory O(batch_size * N * D)).
+        metric: ``"sq_l2"`` (the paper's, fast path), another name in :data:`METRICS`, or a callable
+            ``metric(pred, target) -> (n,)`` on (n, ...) tensors (direct path).
+        samples: M when ``noise`` is a callable (ignored for a tensor, whose length is M).
+        cache: optional ``.npz`` path. Progress is saved there atomically after every batch and a
+            run finding a compatible cache resumes from it (samples already counted are skipped).
+        progress: show a tqdm progress bar.
+        meta: facts stored with the result (model id, seed, ...).
+
+    Returns:
+        A :class:`CostMatrix`; ``.values`` is the (N + 1, N + 1) float64 matrix ``c``.
+    """
+    fine = resolve_grid(grid)
+    name, _ = _metric(metric)
+    if isinstance(noise, Tensor):
+        total = noise.shape[0]
+
+        def take(rows: range) -> Tensor:
+            return noise[rows.start : rows.stop]
+    elif callable(noise):
+        if samples is None:
+            raise ConfigError("pass samples=M when noise is a callable")
+        total = int(samples)
+        take = noise
+    else:
+        raise ConfigError("noise must be an (M, ...) tensor or a callable noise(range) -> tensor")
+    if total < 1:
+        raise ConfigError("the cost matrix needs at least one sample")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+
+    acc = CostMatrix.empty(fine, name, meta)
+    if cache is not None and Path(cache).exists():
+        acc = CostMatrix.load(cache)
+        if not np.array_equal(acc.grid.times, fine.times) or acc.metric != name:
+            raise CheckpointError(
+                f"cache {cache} was made with another grid or metric; delete it or pass another path"
+            )
+        if acc.count > total:
+            raise CheckpointError(
+                f"cache {cache} already holds {acc.count} samples, more than the {total} asked"
+            )
+        acc.meta.update(meta or {})
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=acc.count, desc="cost matrix", unit="traj")
+    try:
+        while acc.count < total:
+            rows = range(acc.count, min(acc.count + batch_size, total))
+            z = take(rows)
+            states, vels = fine_trajectories(field, z, fine)
+            acc.update(batch_costs(states, vels, fine.times, metric))
+            if cache is not None:
+                acc.save(cache)
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        if bar is not None:
+            bar.close()
+    return acc

@@ -1,0 +1,248 @@
+"""Schedules: strictly increasing time grids from 0 (noise) to 1 (data), as small value objects.
+
+A schedule with ``K + 1`` points drives ``K`` steps of a one-evaluation solver (Euler: NFE = K;
+Heun and midpoint use two evaluations per step). It carries its provenance (how it was made) so a
+JSON file on disk says where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ScheduleError
+
+__all__ = ["Schedule", "uniform", "edm", "quadratic", "SCHEDULES", "make_schedule"]
+
+_FORMAT = "bossflow.schedule/1"
+
+
+def _validated_times(times: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(times, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ScheduleError(f"schedule times must be a list of numbers: {err}") from None
+    if arr.ndim != 1:
+        raise ScheduleError(f"schedule times must be one-dimensional, got shape {arr.shape}")
+    if arr.size < 2:
+        raise ScheduleError(
+            f"a schedule needs at least 2 times (0 and 1), got {arr.size}; a K-step schedule has "
+            "K + 1 times"
+        )
+    if not np.isfinite(arr).all():
+        raise ScheduleError(f"schedule times contain NaN or infinity: {arr.tolist()}")
+    if arr[0] != 0.0 or arr[-1] != 1.0:
+        raise ScheduleError(
+            f"a schedule runs from 0 (noise) to 1 (data); got first {arr[0]!r} and last "
+            f"{arr[-1]!r}. If your times run from 1 to 0 (diffusers sigmas), use "
+            "Schedule.from_diffusers_sigmas."
+        )
+    steps = np.diff(arr)
+    if (steps <= 0).any():
+        bad = int(np.argmax(steps <= 0))
+        raise ScheduleError(
+            "schedule times must be strictly increasing; times[{0}] = {1!r} >= times[{2}] = {3!r}"
+            .format(bad, arr[bad], bad + 1, arr[bad + 1])
+        )
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A time grid ``0 = t_0 < t_1 < ... < t_K = 1`` (float64) with its provenance.
+
+    Attributes:
+        times: (K + 1,) float64 array, read-only.
+        method: how it was made (``"uniform"``, ``"edm"``, ``"bellman"``, ...).
+        indices: for Bellman schedules, the positions of ``times`` in the fine grid, else ``None``.
+        cost: for Bellman schedules, the total cost of the path (sum of c[i, j] along it).
+        provenance: free-form facts (K_max, samples, metric, model id, seed, ...), JSON-serialisable.
+    """
+
+    times: np.ndarray
+    method: str = "custom"
+    indices: tuple[int, ...] | None = None
+    cost: float | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "times", _validated_times(self.times))
+        if self.indices is not None:
+            idx = tuple(int(i) for i in self.indices)
+            if len(idx) != len(self.times):
+                raise ScheduleError(
+                    f"indices has {len(idx)} entries but the schedule has {len(self.times)} times"
+                )
+            object.__setattr__(self, "indices", idx)
+        if self.cost is not None:
+            object.__setattr__(self, "cost", float(self.cost))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    # -- basic facts -------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of intervals K (= NFE for Euler)."""
+        return len(self.times) - 1
+
+    def nfe(self, solver: str = "euler") -> int:
+        """Function evaluations for ``solver`` on this grid (Euler K; Heun 2K - 1; midpoint 2K)."""
+        from .solvers import nfe_for
+
+        return nfe_for(solver, self.steps)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return (
+            np.array_equal(self.times, other.times)
+            and self.method == other.method
+            and self.indices == other.indices
+            and self.cost == other.cost
+            and dict(self.provenance) == dict(other.provenance)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        times = ", ".join(f"{t:.4f}" for t in self.times)
+        extra = f", cost={self.cost:.6g}" if self.cost is not None else ""
+        return f"Schedule(method={self.method!r}, K={self.steps}, times=[{times}]{extra})"
+
+    # -- exporters ---------------------------------------------------------------------------
+    def to_time_grid(self, like: Any = None):
+        """The times as a ``flow_matching`` ``time_grid`` (a float tensor; dtype/device of ``like``).
+
+        Use with ``ODESolver.sample(time_grid=..., step_size=None, method="euler")``.
+        """
+        import torch
+
+        if like is None:
+            return torch.tensor(self.times, dtype=torch.float32)
+        return torch.tensor(np.array(self.times), dtype=like.dtype, device=like.device)
+
+    def to_diffusers_sigmas(self) -> list[float]:
+        """diffusers ``sigmas`` (``1 - t``), decreasing from 1, without the final 0 diffusers appends.
+
+        Use with ``FlowMatchEulerDiscreteScheduler(shift=1.0).set_timesteps(sigmas=...)``.
+        """
+        return [float(1.0 - t) for t in self.times[:-1]]
+
+    @classmethod
+    def from_diffusers_sigmas(cls, sigmas: Sequence[float], **kwargs: Any) -> Schedule:
+        """Inverse of :meth:`to_diffusers_sigmas` (a trailing 0 is accepted)."""
+        s = [float(v) for v in sigmas]
+        if s and s[-1] != 0.0:
+            s.append(0.0)
+        return cls(np.asarray([1.0 - v for v in s]), **kwargs)
+
+    def tolist(self) -> list[float]:
+        return [float(t) for t in self.times]
+
+    # -- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "method": self.method,
+            "steps": self.steps,
+            "times": self.tolist(),
+            "indices": list(self.indices) if self.indices is not None else None,
+            "cost": self.cost,
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
+        if not isinstance(data, Mapping) or "times" not in data:
+            raise ScheduleError("not a bossflow schedule: expected a JSON object with 'times'")
+        return cls(
+            times=np.asarray(data["times"], dtype=np.float64)
+            if isinstance(data["times"], list)
+            else data["times"],
+            method=str(data.get("method", "custom")),
+            indices=data.get("indices"),
+            cost=data.get("cost"),
+            provenance=data.get("provenance") or {},
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the schedule as JSON (atomically: a temporary file, then a rename)."""
+        from .io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schedule:
+        """Read a schedule written by :meth:`save` (or a JSON list of times)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ScheduleError(f"schedule file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
+        if isinstance(data, list):
+            return cls(np.asarray(data, dtype=np.float64))
+        return cls.from_dict(data)
+
+
+def uniform(steps: int) -> Schedule:
+    """``t_k = k / K``."""
+    _check_steps(steps)
+    return Schedule(np.linspace(0.0, 1.0, steps + 1), method="uniform")
+
+
+def edm(steps: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Schedule:
+    """Karras et al. (EDM) spacing with exponent ``rho``, mapped to flow time.
+
+    Noise levels ``sigma_k = (sigma_max^(1/rho) + k/K (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+    for ``k = 0..K`` become flow times by the signal-to-noise match ``t = 1 / (1 + sigma)`` (for
+    ``x_t = t x + (1 - t) z``, ``x_t / t`` has noise level ``(1 - t) / t``); the end points are then
+    pinned to 0 (pure noise) and 1 (data). Steps are small near the data and large near the noise.
+    """
+    _check_steps(steps)
+    k = np.arange(steps + 1, dtype=np.float64) / steps
+    inv = 1.0 / rho
+    sigmas = (sigma_max**inv + k * (sigma_min**inv - sigma_max**inv)) ** rho
+    times = 1.0 / (1.0 + sigmas)
+    times[0], times[-1] = 0.0, 1.0
+    return Schedule(
+        times,
+        method="edm",
+        provenance={"rho": rho, "sigma_min": sigma_min, "sigma_max": sigma_max},
+    )
+
+
+def quadratic(steps: int) -> Schedule:
+    """``t_k = 1 - (1 - k/K)^2``: small steps near the data."""
+    _check_steps(steps)
+    u = np.linspace(0.0, 1.0, steps + 1)
+    return Schedule(1.0 - (1.0 - u) ** 2, method="quadratic")
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ScheduleError(f"the number of steps must be a positive integer, got {steps!r}")
+
+
+SCHEDULES = {"uniform": uniform, "edm": edm, "quadratic": quadratic}
+
+
+def make_schedule(name: str, steps: int, **kwargs: Any) -> Schedule:
+    """Build a named schedule; an unknown name lists the valid ones."""
+    try:
+        fn = SCHEDULES[name]
+    except KeyError:
+        raise ScheduleError(
+            f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)} or load a JSON file"
+        ) from None
+    return fn(steps, **kwargs)

@@ -1,0 +1,159 @@
+import numpy as np
+import pytest
+import torch
+
+import bossflow
+from bossflow.bellman import CostMatrix, cost_matrix
+from bossflow.errors import CheckpointError, ConfigError, ModelOutputError
+from bossflow.field import AffineGaussianField, SpiralField
+from bossflow.noise import NoiseSource
+
+
+def naive_cost(field, noise, times):
+    """Per-pair loop straight from paper eq. 5, float64."""
+    x = noise.double()
+    states, vels = [x], []
+    for i in range(len(times) - 1):
+        v = field(states[-1], torch.full((x.shape[0],), float(times[i]), dtype=x.dtype))
+        vels.append(v)
+        states.append(states[-1] + float(times[i + 1] - times[i]) * v)
+    n1 = len(times)
+    c = np.zeros((n1, n1))
+    for i in range(n1 - 1):
+        for j in range(i + 1, n1):
+            r = states[i] + float(times[j] - times[i]) * vels[i] - states[j]
+            c[i, j] = float(r.pow(2).flatten(1).sum(1).mean())
+    return c
+
+
+def rel_err(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.fixture
+def noise():
+    return torch.randn(24, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_matches_naive_loop_and_closed_form_on_spiral(noise):
+    field = SpiralField(rate=0.7, omega=4.0)
+    cm = cost_matrix(field, noise, grid=30, batch_size=7)
+    naive = naive_cost(field, noise, cm.grid.times)
+    assert rel_err(cm.values, naive) < 1e-9
+    exact = field.euler_cost_matrix(noise, torch.tensor(cm.grid.times)).numpy()
+    assert rel_err(cm.values, exact) < 1e-9
+    assert cm.count == 24 and cm.values.shape == (31, 31)
+    # c[i, i+1] = 0 by construction, nothing below the diagonal
+    assert np.abs(np.diagonal(cm.values, 1)).max() < 1e-12 * cm.values.max()
+    assert (np.tril(cm.values) == 0).all()
+
+
+def test_direct_metric_path_matches_fast_path_on_nonuniform_grid(noise):
+    field = SpiralField()
+    grid = bossflow.edm(12)
+    fast = cost_matrix(field, noise, grid=grid, batch_size=5)
+    direct = cost_matrix(field, noise, grid=grid, batch_size=5, metric="sq_l2_direct")
+    assert rel_err(fast.values, direct.values) < 1e-9
+    assert rel_err(fast.values, naive_cost(field, noise, grid.times)) < 1e-9
+
+
+def test_custom_callable_metric(noise):
+    def l1(pred, target):
+        return (pred - target).abs().flatten(1).sum(1)
+
+    cm = cost_matrix(SpiralField(), noise, grid=6, metric=l1)
+    named = cost_matrix(SpiralField(), noise, grid=6, metric="l1")
+    np.testing.assert_allclose(cm.values, named.values, rtol=1e-12)
+    assert cm.metric == "l1" and cm.values[0, 6] > 0
+
+
+def test_zero_for_straight_field(noise):
+    field = AffineGaussianField(scale=0.3, shift=2.0)
+    cm = cost_matrix(field, noise, grid=20)
+    scale = float(field.exact(noise, 1.0).pow(2).flatten(1).sum(1).mean())  # squared norm of data
+    # zero up to float64 rounding of the states (the Gram path works at that scale)
+    assert np.abs(cm.values).max() < 1e-13 * scale
+    direct = cost_matrix(field, noise, grid=20, metric="sq_l2_direct")
+    assert np.abs(direct.values).max() < 1e-25 * scale
+
+
+def test_same_result_in_one_batch_or_many(noise):
+    field = SpiralField()
+    one = cost_matrix(field, noise, grid=15, batch_size=24)
+    many = cost_matrix(field, noise, grid=15, batch_size=5)
+    np.testing.assert_allclose(many.values, one.values, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(many.sumsq, one.sumsq, rtol=1e-13)
+
+
+def test_noise_source_makes_results_independent_of_batch_size():
+    src = NoiseSource((4,), seed=3, dtype=torch.float64)
+    field = SpiralField()
+    a = cost_matrix(field, src, grid=10, batch_size=3, samples=10)
+    b = cost_matrix(field, src, grid=10, batch_size=10, samples=10)
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-13)
+    assert torch.equal(src.take(4, start=6), src(range(10))[6:])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_uninterrupted_result(noise, tmp_path):
+    field = SpiralField()
+    calls = {"n": 0}
+
+    def flaky(x, t):
+        calls["n"] += 1
+        if calls["n"] == 3 * 10 + 4:  # during the 4th batch of 10-step trajectories
+            raise Interrupt
+        return field(x, t)
+
+    cache = tmp_path / "cost.npz"
+    with pytest.raises(Interrupt):
+        cost_matrix(flaky, noise, grid=10, batch_size=5, cache=cache)
+    partial = CostMatrix.load(cache)
+    assert partial.count == 15
+    calls["n"] = 10**9  # no more interruptions
+    resumed = cost_matrix(flaky, noise, grid=10, batch_size=5, cache=cache)
+    full = cost_matrix(field, noise, grid=10, batch_size=5)
+    np.testing.assert_allclose(resumed.values, full.values, rtol=1e-13)
+    assert resumed.count == 24
+
+
+def test_partial_results_merge(noise):
+    field = SpiralField()
+    a = cost_matrix(field, noise[:10], grid=8)
+    b = cost_matrix(field, noise[10:], grid=8)
+    whole = cost_matrix(field, noise, grid=8)
+    merged = a.merge(b)
+    assert merged.count == 24
+    np.testing.assert_allclose(merged.values, whole.values, rtol=1e-13)
+    np.testing.assert_allclose(merged.stderr, whole.stderr, rtol=1e-9)
+
+
+def test_save_load_round_trip_and_corrupt_cache(noise, tmp_path):
+    cm = cost_matrix(SpiralField(), noise, grid=5, meta={"model": "spiral"})
+    cm.save(tmp_path / "c.npz")
+    back = CostMatrix.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(back.values, cm.values)
+    assert back.meta == {"model": "spiral"} and back.count == cm.count
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        cost_matrix(SpiralField(), noise, grid=5, cache=tmp_path / "bad.npz")
+    with pytest.raises(CheckpointError, match="another grid"):
+        cost_matrix(SpiralField(), noise, grid=6, cache=tmp_path / "c.npz")
+
+
+def test_model_errors_are_clear(noise):
+    with pytest.raises(ModelOutputError, match="NaN"):
+        cost_matrix(lambda x, t: x * float("nan"), noise, grid=4)
+    with pytest.raises(ModelOutputError, match="shape"):
+        cost_matrix(lambda x, t: x[:, :1], noise, grid=4)
+    with pytest.raises(ConfigError, match="unknown metric"):
+        cost_matrix(SpiralField(), noise, grid=4, metric="lpips")
+
+
+def test_dtype_follows_input():
+    z32 = torch.randn(4, 6)
+    cm = cost_matrix(SpiralField(), z32, grid=5)
+    assert cm.values.dtype == np.float64

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from bossflow import sample, uniform
+from bossflow.field import (
+    DiffusersField,
+    FlowMatchingField,
+    NFECounter,
+    RectifiedFlowField,
+    SpiralField,
+    TorchCFMField,
+    time_batch,
+)
+
+
+class Recorder(torch.nn.Module):
+    """Returns x * (1 + time input) and records how it was called."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return args, kwargs
+
+
+def test_rectified_flow_adapter_time_map_and_chain_rule():
+    net = lambda x, tc: x * tc[:, None]  # noqa: E731
+    field = RectifiedFlowField(net, eps=1e-3)
+    x = torch.ones(3, 2)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    out = field(x, t)
+    tc = 999 * (1e-3 + (1 - 1e-3) * t)
+    torch.testing.assert_close(out, (1 - 1e-3) * tc[:, None].expand(3, 2))
+    assert field.network is net
+
+
+def test_rectified_flow_uniform_euler_equals_original_sampler():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    raw = lambda x, tc: net(x) * torch.cos(tc / 999)[:, None]  # noqa: E731
+    z = torch.randn(5, 3)
+    # the original Euler loop: t from eps to 1, dt = (1 - eps) / N, pred = net(x, 999 t)
+    eps, n, x = 1e-3, 7, z.clone()
+    with torch.no_grad():
+        for i in range(n):
+            t = torch.full((5,), i * (1 - eps) / n + eps)
+            x = x + raw(x, 999 * t) * (1 - eps) / n
+        ours = sample(RectifiedFlowField(raw, eps=eps), z, uniform(n))
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_adapter_convention():
+    model = lambda x, timestep: type("Out", (), {"sample": x * timestep[:, None]})()  # noqa: E731
+    field = DiffusersField(model)
+    x = torch.ones(2, 3)
+    out = field(x, torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(out, -torch.tensor([[750.0] * 3, [0.0] * 3]))
+
+
+def test_flow_matching_adapter_passes_scalar_time_and_extras():
+    seen = []
+
+    def model(x, t, label=None):
+        seen.append((t.ndim, label))
+        return x * t
+
+    field = FlowMatchingField(model, label=3)
+    x = torch.ones(4, 2)
+    torch.testing.assert_close(field(x, torch.full((4,), 0.5)), x * 0.5)
+    assert seen == [(0, 3)]
+    mixed = field(x, torch.tensor([0.1, 0.2, 0.1, 0.3]))
+    torch.testing.assert_close(mixed[:, 0], torch.tensor([0.1, 0.2, 0.1, 0.3]))
+
+
+def test_flow_matching_solver_agrees_with_our_euler_on_our_grid():
+    fm = pytest.importorskip("flow_matching", reason="flow_matching not installed")
+    from flow_matching.solver import ODESolver
+    from flow_matching.utils import ModelWrapper
+
+    field = SpiralField()
+
+    class Wrapped(ModelWrapper):
+        def forward(self, x, t, **extras):
+            return field(x, t.expand(x.shape[0]))
+
+    schedule = uniform(5)
+    z = torch.randn(3, 4, dtype=torch.float64)
+    theirs = ODESolver(Wrapped(torch.nn.Identity())).sample(
+        x_init=z, time_grid=schedule.to_time_grid(z), method="euler", step_size=None
+    )
+    torch.testing.assert_close(theirs, sample(field, z, schedule))
+    assert fm is not None
+
+
+def test_torchcfm_adapter_argument_order():
+    model = lambda t, x: x + t[:, None]  # noqa: E731
+    out = TorchCFMField(model)(torch.zeros(2, 3), torch.tensor([0.1, 0.2]))
+    torch.testing.assert_close(out[:, 0], torch.tensor([0.1, 0.2]))
+    scalar = TorchCFMField(lambda t, x: x + t, scalar_time=True)
+    torch.testing.assert_close(scalar(torch.zeros(2, 3), torch.tensor(0.5)), torch.full((2, 3), 0.5))
+
+
+def test_nfe_counter_and_time_batch():
+    counter = NFECounter(SpiralField())
+    x = torch.zeros(5, 2)
+    counter(x, torch.zeros(5))
+    counter(x[:2], torch.zeros(2))
+    assert (counter.nfe, counter.samples) == (2, 7)
+    assert time_batch(0.3, x).shape == (5,)
+    with pytest.raises(ValueError, match="shape"):
+        time_batch(torch.zeros(3), x)
