@@ -99,7 +99,9 @@ def test_torchcfm_adapter_argument_order():
     out = TorchCFMField(model)(torch.zeros(2, 3), torch.tensor([0.1, 0.2]))
     torch.testing.assert_close(out[:, 0], torch.tensor([0.1, 0.2]))
     scalar = TorchCFMField(lambda t, x: x + t, scalar_time=True)
-    torch.testing.assert_close(scalar(torch.zeros(2, 3), torch.tensor(0.5)), torch.full((2, 3), 0.5))
+    torch.testing.assert_close(
+        scalar(torch.zeros(2, 3), torch.tensor(0.5)), torch.full((2, 3), 0.5)
+    )
 
 
 def test_nfe_counter_and_time_batch():

@@ -46,8 +46,13 @@ def test_validation_errors(times, message):
 
 
 def test_json_round_trip(tmp_path):
-    s = Schedule([0.0, 0.2, 1.0], method="bellman", indices=(0, 20, 100), cost=1.5,
-                 provenance={"k_max": 100, "model": "digits"})
+    s = Schedule(
+        [0.0, 0.2, 1.0],
+        method="bellman",
+        indices=(0, 20, 100),
+        cost=1.5,
+        provenance={"k_max": 100, "model": "digits"},
+    )
     path = s.save(tmp_path / "s.json")
     assert json.loads(path.read_text())["times"] == [0.0, 0.2, 1.0]
     assert Schedule.load(path) == s

@@ -83,7 +83,9 @@ def test_bad_inputs(z):
 
 
 def test_diffusers_scheduler_follows_our_euler_steps(z):
-    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (extra 'diffusers')")
+    diffusers = pytest.importorskip(
+        "diffusers", reason="diffusers not installed (extra 'diffusers')"
+    )
     from bossflow.field import DiffusersField
 
     field = SpiralField(rate=0.4, omega=2.5)

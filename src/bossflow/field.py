@@ -278,7 +278,9 @@ class SpiralField(nn.Module):
     def _times_mu(self, x: Tensor, factor: complex) -> Tensor:
         p = self._pairs(x)
         re, im = p[..., 0], p[..., 1]
-        out = torch.stack((factor.real * re - factor.imag * im, factor.real * im + factor.imag * re), -1)
+        out = torch.stack(
+            (factor.real * re - factor.imag * im, factor.real * im + factor.imag * re), -1
+        )
         return out.view_as(x)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:

@@ -47,8 +47,7 @@ def _validated_times(times: Any) -> np.ndarray:
     if (steps <= 0).any():
         bad = int(np.argmax(steps <= 0))
         raise ScheduleError(
-            "schedule times must be strictly increasing; times[{0}] = {1!r} >= times[{2}] = {3!r}"
-            .format(bad, arr[bad], bad + 1, arr[bad + 1])
+            f"schedule times must be strictly increasing; times[{bad}] = {arr[bad]!r} >= times[{bad + 1}] = {arr[bad + 1]!r}"
         )
     arr.setflags(write=False)
     return arr
@@ -201,7 +200,9 @@ def uniform(steps: int) -> Schedule:
     return Schedule(np.linspace(0.0, 1.0, steps + 1), method="uniform")
 
 
-def edm(steps: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Schedule:
+def edm(
+    steps: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0
+) -> Schedule:
     """Karras et al. (EDM) spacing with exponent ``rho``, mapped to flow time.
 
     Noise levels ``sigma_k = (sigma_max^(1/rho) + k/K (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``

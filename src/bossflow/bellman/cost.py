@@ -355,6 +355,12 @@ def cost_matrix(
             raise CheckpointError(
                 f"cache {cache} already holds {acc.count} samples, more than the {total} asked"
             )
+        clash = {k for k, v in (meta or {}).items() if k in acc.meta and acc.meta[k] != v}
+        if clash:
+            raise CheckpointError(
+                f"cache {cache} was made with other settings ({', '.join(sorted(clash))} differ); "
+                "delete it or pass another path"
+            )
         acc.meta.update(meta or {})
 
     bar = None

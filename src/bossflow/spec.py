@@ -1,0 +1,234 @@
+"""Model specs: turn ``--model SPEC --checkpoint PATH --convention NAME`` into a velocity field.
+
+A spec is one of
+
+- a built-in name: ``digits`` (the shipped small UNet on scikit-learn digits), ``spiral`` (an
+  analytic curved field, for trying things without a network);
+- ``rectified-flow:CONFIG`` with ``--checkpoint``: an official Rectified Flow checkpoint, where
+  CONFIG is ``cifar10``, ``celeba_hq``, ``church``, ``bedroom``, ``afhq_cat`` or a JSON config file;
+- ``package.module:callable``: a callable returning an ``nn.Module`` (optionally given
+  ``--checkpoint`` weights, loaded strictly), called in the convention named by ``--convention``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .field import (
+    DiffusersField,
+    FlowMatchingField,
+    RectifiedFlowField,
+    SpiralField,
+    TorchCFMField,
+)
+
+__all__ = ["LoadedModel", "load_model", "CONVENTIONS", "load_state_dict_file", "BUILTIN_MODELS"]
+
+CONVENTIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "bossflow": lambda m: m,
+    "rectified-flow": RectifiedFlowField,
+    "diffusers": DiffusersField,
+    "flow-matching": FlowMatchingField,
+    "torchcfm": TorchCFMField,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A velocity field with what the tools need to know about it.
+
+    Attributes:
+        field: the velocity field in bossflow's convention (an ``nn.Module``).
+        sample_shape: shape of one sample, e.g. ``(1, 8, 8)``.
+        model_id: a short description for provenance (spec, checkpoint).
+        centered: data lives in [-1, 1] if True, else in [0, 1] (for images and metrics).
+        dataset: name of a built-in data set matching the model, if any (``"digits"``).
+        info: extra facts (config, provenance of shipped weights).
+    """
+
+    field: nn.Module
+    sample_shape: tuple[int, ...]
+    model_id: str
+    centered: bool = True
+    dataset: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        self.field.to(device)
+        return self
+
+
+def load_state_dict_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only``, never pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device=str(map_location))
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # any reader error means the file is not a usable checkpoint
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what does not match."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+            )
+        if shapes:
+            parts.append(f"wrong shapes {shapes[:10]}")
+        raise CheckpointError(
+            f"checkpoint {source} does not match the model: "
+            + "; ".join(parts)
+            + ". Check that --model/--config describe the network the checkpoint was saved from."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def _parse_shape(shape: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if shape is None or isinstance(shape, tuple):
+        return shape
+    try:
+        dims = tuple(int(s) for s in str(shape).replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--shape must be comma-separated integers like 3,32,32, got {shape!r}"
+        ) from None
+    if not dims or min(dims) < 1:
+        raise ConfigError(f"--shape must be positive integers like 3,32,32, got {shape!r}")
+    return dims
+
+
+def _load_digits(checkpoint: str | None, **_: Any) -> LoadedModel:
+    from .pretrained import load_pretrained
+
+    model = load_pretrained(checkpoint or "digits")
+    model.eval()
+    info = dict(getattr(model, "provenance", {}) or {})
+    return LoadedModel(
+        model,
+        (1, 8, 8),
+        "digits" if checkpoint is None else f"digits:{checkpoint}",
+        centered=True,
+        dataset="digits",
+        info=info,
+    )
+
+
+def _load_spiral(checkpoint: str | None, **_: Any) -> LoadedModel:
+    if checkpoint is not None:
+        raise ConfigError("the built-in 'spiral' field has no weights; drop --checkpoint")
+    return LoadedModel(SpiralField(), (2, 4, 4), "spiral")
+
+
+BUILTIN_MODELS: dict[str, Callable[..., LoadedModel]] = {
+    "digits": _load_digits,
+    "spiral": _load_spiral,
+}
+
+
+def load_model(
+    spec: str,
+    checkpoint: str | None = None,
+    convention: str | None = None,
+    shape: str | tuple[int, ...] | None = None,
+    device: str | torch.device = "cpu",
+    weights: str = "ema",
+) -> LoadedModel:
+    """Resolve a model spec (see module docstring) to a :class:`LoadedModel` on ``device``."""
+    if spec in BUILTIN_MODELS:
+        loaded = BUILTIN_MODELS[spec](checkpoint=checkpoint)
+    elif spec.startswith("rectified-flow:"):
+        loaded = _load_rectified_flow(spec.split(":", 1)[1], checkpoint, weights, device)
+    elif ":" in spec:
+        loaded = _load_callable(spec, checkpoint, convention, _parse_shape(shape))
+    else:
+        raise ConfigError(
+            f"unknown model {spec!r}; use a built-in name ({', '.join(sorted(BUILTIN_MODELS))}), "
+            "rectified-flow:CONFIG with --checkpoint, or package.module:callable"
+        )
+    if shape is not None:
+        loaded.sample_shape = _parse_shape(shape)
+    loaded.field.eval()
+    return loaded.to(device)
+
+
+def _load_rectified_flow(config: str, checkpoint: str | None, weights: str, device) -> LoadedModel:
+    if checkpoint is None:
+        raise ConfigError(
+            "rectified-flow models need --checkpoint PATH (the released checkpoint_*.pth file)"
+        )
+    from .models import load_rectified_flow
+
+    field = load_rectified_flow(checkpoint, config, weights=weights, map_location=device)
+    return LoadedModel(
+        field,
+        tuple(field.sample_shape),
+        f"rectified-flow:{config}:{Path(checkpoint).name}:{weights}",
+        centered=bool(getattr(field, "centered", True)),
+        info={"config": getattr(field, "config", None)},
+    )
+
+
+def _load_callable(spec: str, checkpoint, convention, shape) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"cannot import {module_name!r} from --model {spec!r}: {err}") from None
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(
+            f"module {module_name!r} has no attribute {attr!r} (--model {spec!r})"
+        ) from None
+    network = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(network, nn.Module):
+        raise ConfigError(f"--model {spec!r} must give an nn.Module, got {type(network).__name__}")
+    if checkpoint is not None:
+        load_strict(network, load_state_dict_file(checkpoint), checkpoint)
+    convention = convention or "bossflow"
+    try:
+        wrap = CONVENTIONS[convention]
+    except KeyError:
+        raise ConfigError(
+            f"unknown convention {convention!r}; choose one of {sorted(CONVENTIONS)}"
+        ) from None
+    shape = shape or getattr(network, "sample_shape", None)
+    if shape is None:
+        raise ConfigError(
+            f"the sample shape of {spec!r} is unknown: pass --shape C,H,W (or give the module a "
+            "sample_shape attribute)"
+        )
+    return LoadedModel(wrap(network), tuple(shape), spec + (f":{checkpoint}" if checkpoint else ""))

@@ -1,0 +1,185 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bossflow import Schedule
+from bossflow.bellman import CostMatrix
+from bossflow.cli import main
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_schedule_writes_matrix_and_schedules(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        run(
+            "schedule",
+            "--model",
+            "spiral",
+            "--nfe",
+            "2,3",
+            "--kmax",
+            "12",
+            "--samples",
+            "10",
+            "--batch-size",
+            "4",
+            "--out",
+            out,
+            "--quiet",
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "NFE" in printed and "0.000" in printed
+    cost = CostMatrix.load(out / "cost_matrix.npz")
+    assert cost.count == 10 and cost.values.shape == (13, 13)
+    for k in (2, 3):
+        s = Schedule.load(out / f"schedule_nfe{k}.json")
+        assert s.steps == k and s.method == "bellman"
+        assert s.provenance["model"] == "spiral" and s.provenance["samples"] == 10
+    # the same run with another batch size reuses the finished cache and gives the same schedules
+    again = tmp_path / "again"
+    run(
+        "schedule",
+        "--model",
+        "spiral",
+        "--nfe",
+        "2,3",
+        "--kmax",
+        "12",
+        "--samples",
+        "10",
+        "--batch-size",
+        "10",
+        "--out",
+        again,
+        "--quiet",
+    )
+    np.testing.assert_allclose(
+        CostMatrix.load(again / "cost_matrix.npz").values, cost.values, rtol=1e-12
+    )
+    # asking for more samples resumes from the 10 already counted
+    run(
+        "schedule",
+        "--model",
+        "spiral",
+        "--nfe",
+        "2",
+        "--kmax",
+        "12",
+        "--samples",
+        "14",
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert CostMatrix.load(out / "cost_matrix.npz").count == 14
+
+
+def test_schedule_on_user_module_with_checkpoint(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    sample_shape = (4,)\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(5, 4)\n"
+        "    def forward(self, x, t):\n"
+        "        return self.lin(torch.cat([x, t[:, None]], 1))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodel
+
+    net = mymodel.Net()
+    from safetensors.torch import save_file
+
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    assert (
+        run(
+            "schedule",
+            "--model",
+            "mymodel:Net",
+            "--checkpoint",
+            tmp_path / "w.safetensors",
+            "--nfe",
+            "2",
+            "--kmax",
+            "8",
+            "--samples",
+            "4",
+            "--out",
+            tmp_path / "o",
+            "--quiet",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
+    # a checkpoint with another shape names the key
+    save_file(
+        {"lin.weight": torch.zeros(3, 5), "lin.bias": torch.zeros(4)},
+        str(tmp_path / "bad.safetensors"),
+    )
+    assert (
+        run(
+            "schedule",
+            "--model",
+            "mymodel:Net",
+            "--checkpoint",
+            tmp_path / "bad.safetensors",
+            "--out",
+            tmp_path / "o2",
+            "--quiet",
+        )
+        == 2
+    )
+    assert "lin.weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--model", "no_such_module:f"], "cannot import"),
+        (["--model", "spiral", "--nfe", "30", "--kmax", "20"], "raise --kmax"),
+        (["--model", "spiral", "--checkpoint", "x.pt"], "no weights"),
+        (["--model", "rectified-flow:cifar10"], "--checkpoint"),
+    ],
+)
+def test_schedule_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    assert run("schedule", *args, "--out", tmp_path / "o", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_output_folder_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert run("schedule", "--model", "spiral", "--out", f, "--quiet") == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_console_script_help_explains_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "bossflow.cli", "schedule", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in (
+        "--nfe",
+        "--kmax",
+        "--samples",
+        "--batch-size",
+        "--seed",
+        "--out",
+        "--checkpoint",
+        "--convention",
+    ):
+        assert option in out
