@@ -43,13 +43,14 @@ def check_cost_matrix(cost: np.ndarray) -> np.ndarray:
         raise CostMatrixError(
             f"the cost matrix must be at least 2 x 2 (a grid with N >= 1 intervals), got {c.shape}"
         )
-    upper = c[np.triu_indices(c.shape[0], 1)]
-    if not np.isfinite(upper).all():
-        bad = np.argwhere(~np.isfinite(np.triu(c, 1)) & np.triu(np.ones_like(c, bool), 1))[0]
-        raise CostMatrixError(
-            f"the cost matrix has a non-finite entry above the diagonal at {tuple(bad.tolist())}; "
-            "recompute it (a model returning NaN is caught there) or mask with a large finite value"
-        )
+    if not np.isfinite(c).all():  # fast path first: the full check is cheap, the masked one not
+        above = np.triu(~np.isfinite(c), 1)
+        if above.any():
+            bad = tuple(int(v) for v in np.argwhere(above)[0])
+            raise CostMatrixError(
+                f"the cost matrix has a non-finite entry above the diagonal at {bad}; recompute it "
+                "(a model returning NaN is caught there) or mask with a large finite value"
+            )
     return c
 
 
@@ -74,17 +75,26 @@ def bellman_paths(cost: np.ndarray, budgets: Iterable[int]) -> dict[int, Bellman
             f"got {ks[0] if ks[0] < 1 else ks[-1]}. Use a finer grid (larger --kmax) for more steps."
         )
     kmax = ks[-1]
-    # Only jumps forward are allowed: j > i.
-    forward = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
-    step_cost = np.where(forward, c, np.inf)
-    value = np.full(n + 1, np.inf)
-    value[:n] = c[:n, n]  # V_1(i) = c[i, N]
+    idx = np.arange(n + 1)
+    # Only forward jumps (j > i) are allowed: +inf elsewhere.
+    step_cost = np.where(idx[:, None] < idx[None, :], c, np.inf)
+    value = step_cost[:, n].copy()  # V_1(i) = c[i, N]  (inf for i = N)
     choice = np.empty((kmax + 1, n + 1), dtype=np.int64)
     choice[1] = n
+    # Rows in cache-sized blocks, each against the columns right of its first row: the upper
+    # triangle only, read once per level. Same minima as the full (N+1) x (N+1) min-plus product.
+    block = 32
+    buf = np.empty((block, n + 1))
     for k in range(2, kmax + 1):
-        total = step_cost + value[None, :]  # (i, j): c[i, j] + V_{k-1}(j)
-        choice[k] = np.argmin(total, axis=1)  # first minimum: smallest j on exact ties
-        value = total[np.arange(n + 1), choice[k]]
+        new_value = np.full(n + 1, np.inf)
+        for a in range(0, n, block):
+            b = min(a + block, n)
+            total = np.add(step_cost[a:b, a + 1 :], value[a + 1 :], out=buf[: b - a, : n - a])
+            arg = total.argmin(axis=1)  # first minimum: smallest j on exact ties
+            choice[k, a:b] = arg + a + 1
+            new_value[a:b] = total[np.arange(b - a), arg]
+        choice[k, n] = n
+        value = new_value
     paths = {}
     for k in ks:
         idx = [0]
