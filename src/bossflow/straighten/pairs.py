@@ -1,0 +1,461 @@
+"""Straightening pairs: the pretrained model's fine-trajectory states at the schedules' times.
+
+Straightening (paper eq. 9) needs, for every training noise ``z^m``, the states ``x^m_{s_0..s_K}``
+that the *pretrained* field's fine Euler trajectory passes through at the schedule's times. Only
+those states are stored: for several budgets at once (e.g. Bellman schedules for K = 2, 4, 8) the
+union of their times, so each state is kept once, not once per interval and budget.
+
+On disk a pair store is a folder::
+
+    manifest.json          what was made and how far it got (written atomically after every shard)
+    shard-00000.npy        (n_0, T, *sample_shape) states of samples 0 .. n_0 - 1
+    shard-00001.npy        (n_1, T, *sample_shape) the next samples, ...
+
+where ``T`` is the number of union times, column ``j`` holds the state at ``times[j]`` (column 0 is
+the noise itself at t = 0, the last column the final sample at t = 1). Shards are plain ``.npy``
+files (float32 or float16), memory-mappable with ``np.load(path, mmap_mode="r")``. A shard counts
+only once the manifest lists it, so a crash between writing a shard and updating the manifest
+leaves a file that is ignored and rewritten on the next run.
+
+The manifest records the fine grid, the union times and their fine-grid indices, the schedules
+(their ``to_dict()``), the sample shape and dtype, the caller's ``meta`` (model id, seed, ...),
+fingerprints of the model's weights and of the first noise, the number of samples asked for and the
+shards complete. Running :func:`make_pairs` again with the same arguments continues after the last
+complete shard; with another schedule, grid, model or noise it raises
+:class:`~bossflow.errors.CheckpointError` instead of mixing pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..bellman.cost import resolve_grid
+from ..errors import CheckpointError, ConfigError
+from ..field import VelocityField, check_velocity
+from ..io import atomic_write, atomic_write_text, ensure_dir
+from ..schedule import Schedule
+
+__all__ = ["PairStore", "make_pairs", "module_fingerprint"]
+
+FORMAT = "bossflow.pairs/1"
+MANIFEST = "manifest.json"
+# Times closer than this to a fine-grid time are taken to be on it (schedules made on the grid hold
+# its exact float64 values; JSON round trips are exact too, so this only absorbs foreign rounding).
+_TIME_TOL = 1e-9
+_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+NoiseLike = Tensor | Callable[[range], Tensor]
+
+
+def module_fingerprint(module: Any) -> str | None:
+    """A short fingerprint of a module's weights, or ``None`` for a plain callable.
+
+    Hashes every state-dict entry's name, shape and dtype, its first 64 values and its float64 sum
+    (printed to 8 significant digits, so the same weights on another device give the same
+    fingerprint). Cheap even for large models: it never copies a whole tensor to the CPU.
+    """
+    if not isinstance(module, nn.Module):
+        return None
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if not isinstance(value, Tensor):
+                continue
+            flat = value.detach().reshape(-1)
+            head = flat[:64].to("cpu", torch.float64).numpy()
+            total = float(flat.double().sum()) if flat.numel() else 0.0
+            h.update(f"{name}|{tuple(value.shape)}|{value.dtype}|{total:.8e}|".encode())
+            h.update(np.ascontiguousarray(head).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _noise_fingerprint(first: Tensor) -> str:
+    """Fingerprint of noise sample 0, so a resumed run notices another seed or noise tensor."""
+    arr = first.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
+def _as_schedules(schedules: Schedule | Sequence[Schedule] | Mapping[Any, Schedule]) -> list:
+    if isinstance(schedules, Schedule):
+        return [schedules]
+    if isinstance(schedules, Mapping):  # e.g. bellman_schedules(...) -> {K: Schedule}
+        schedules = list(schedules.values())
+    out = list(schedules)
+    if not out or not all(isinstance(s, Schedule) for s in out):
+        raise ConfigError("schedules must be a Schedule, a non-empty list of them or {K: Schedule}")
+    return out
+
+
+def _grid_indices(schedule: Schedule, grid: Schedule) -> list[int]:
+    """Positions of the schedule's times in the fine grid; an error if one is not on it."""
+    tau = grid.times
+    pos = np.clip(np.searchsorted(tau, schedule.times), 1, len(tau) - 1)
+    # nearest grid point: the left or the right neighbour of the insertion point
+    left_closer = np.abs(schedule.times - tau[pos - 1]) <= np.abs(tau[pos] - schedule.times)
+    nearest = np.where(left_closer, pos - 1, pos)
+    off = np.abs(tau[nearest] - schedule.times)
+    if (off > _TIME_TOL).any():
+        bad = int(np.argmax(off > _TIME_TOL))
+        raise ConfigError(
+            f"time {schedule.times[bad]!r} of the {schedule.steps}-step {schedule.method} schedule "
+            f"is not on the fine grid ({len(tau) - 1} intervals; nearest time {tau[nearest[bad]]!r}). "
+            "Pairs are fine-trajectory states, so every schedule time must be a fine-grid time: "
+            "pass fine_grid= the grid the schedule was made on (a Bellman schedule's cost-matrix "
+            "grid), or a schedule whose times lie on this grid."
+        )
+    return [int(i) for i in nearest]
+
+
+def _columns(times: np.ndarray, schedule: Schedule) -> np.ndarray:
+    """Column of every schedule time among the stored ``times``."""
+    cols = []
+    for t in schedule.times:
+        hit = np.flatnonzero(np.abs(times - t) <= _TIME_TOL)
+        if hit.size == 0:
+            raise CheckpointError(
+                f"pairs were made with another schedule: time {t!r} of the {schedule.steps}-step "
+                f"{schedule.method} schedule is not among the stored times "
+                f"{[round(float(v), 6) for v in times]}. Make pairs for this schedule with "
+                "make_pairs(..., schedules=[...]) in another folder."
+            )
+        cols.append(int(hit[0]))
+    return np.asarray(cols, dtype=np.int64)
+
+
+class _StatesView:
+    """Index-able view over the shards: ``states[rows]`` or ``states[rows, cols]`` -> Tensor.
+
+    ``rows`` is an int, a slice or a 1-D integer sequence of sample indices; ``cols`` an int, a
+    slice, or a 1-D integer sequence with one column per row (then row ``i`` gets column
+    ``cols[i]``). Only the requested states are read from the memory-mapped shards.
+    """
+
+    def __init__(
+        self, shards: list[np.ndarray], starts: np.ndarray, shape: tuple[int, ...], dtype: str
+    ):
+        self._shards = shards
+        self._dtype = dtype
+        self._starts = starts  # (S,) first sample index of each shard
+        self.shape = shape  # (M, T, *sample_shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            return np.arange(self.shape[0])[rows]
+        if isinstance(rows, Tensor):
+            rows = rows.detach().cpu().numpy()
+        arr = np.asarray(rows)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)  # np.asarray([]) is float
+        if arr.dtype.kind not in "iu" or arr.ndim > 1:
+            raise IndexError("sample indices must be an int, a slice or a 1-D integer sequence")
+        arr = np.atleast_1d(arr).astype(np.int64)
+        if arr.size and (arr.max() >= self.shape[0] or arr.min() < -self.shape[0]):
+            raise IndexError(f"sample index out of range for a store of {self.shape[0]} samples")
+        return arr % max(self.shape[0], 1)
+
+    def __getitem__(self, key: Any) -> Tensor:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        scalar = isinstance(rows, (int, np.integer))
+        idx = self._rows(rows)
+        per_row = not isinstance(cols, (int, np.integer, slice))
+        if per_row:
+            cols = np.asarray(cols.cpu() if isinstance(cols, Tensor) else cols, dtype=np.int64)
+            if cols.shape != idx.shape:
+                raise IndexError("give one column per row (cols shaped like rows)")
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        parts, order = [], []
+        for s in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == s)
+            local = idx[sel] - self._starts[s]
+            c = cols[sel] if per_row else cols
+            parts.append(self._shards[s][local, c])
+            order.append(sel)
+        if parts:
+            out = np.concatenate(parts)[np.argsort(np.concatenate(order), kind="stable")]
+        else:  # no rows asked: an empty result shaped as the same indexing would give
+            one = np.empty((1, *self.shape[1:]), dtype=self._dtype)
+            out = one[idx, cols] if per_row else one[:0, cols]
+        tensor = torch.from_numpy(np.ascontiguousarray(out))
+        return tensor[0] if scalar else tensor
+
+
+class PairStore:
+    """A pair store on disk (see the module docstring for the format).
+
+    Attributes:
+        path: the folder.
+        manifest: the parsed ``manifest.json``.
+        times: (T,) float64 union of the schedules' times; column ``j`` of the states is at ``times[j]``.
+        grid_indices: (T,) positions of ``times`` in the fine grid.
+        grid: the fine grid the trajectories were integrated on.
+        schedules: the schedules the pairs were made for.
+        sample_shape: shape of one sample.
+        dtype: the stored dtype (``torch.float32`` or ``torch.float16``).
+        states: index-able ``(M, T, *sample_shape)`` view; ``states[rows]`` and
+            ``states[rows, cols]`` return tensors in the stored dtype.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[np.ndarray]):
+        self.path = path
+        self.manifest = manifest
+        self.times = np.asarray(manifest["times"], dtype=np.float64)
+        self.grid_indices = np.asarray(manifest["grid_indices"], dtype=np.int64)
+        self.grid = Schedule(np.asarray(manifest["fine_grid"], dtype=np.float64), method="fine")
+        self.schedules = [Schedule.from_dict(d) for d in manifest["schedules"]]
+        self.sample_shape = tuple(manifest["sample_shape"])
+        self.dtype = {v: k for k, v in _DTYPES.items()}[manifest["dtype"]]
+        counts = [int(s["count"]) for s in manifest["shards"]]
+        starts = np.cumsum([0, *counts[:-1]]).astype(np.int64)
+        shape = (sum(counts), len(self.times), *self.sample_shape)
+        self.states = _StatesView(shards, starts, shape, manifest["dtype"])
+
+    def __len__(self) -> int:
+        """Number of complete samples (noises) in the store."""
+        return self.states.shape[0]
+
+    def __repr__(self) -> str:
+        return f"PairStore({str(self.path)!r}, samples={len(self)}, times={len(self.times)})"
+
+    @property
+    def complete(self) -> bool:
+        """Whether every sample asked for by :func:`make_pairs` is stored."""
+        return len(self) >= int(self.manifest["samples"])
+
+    def for_schedule(self, schedule: Schedule) -> np.ndarray:
+        """Columns of ``states`` holding the schedule's times ``s_0..s_K``, shape (K + 1,).
+
+        Raises:
+            CheckpointError: a time of the schedule is not stored ("pairs were made with another
+                schedule").
+        """
+        return _columns(self.times, schedule)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> PairStore:
+        """Open a store written by :func:`make_pairs`, checking the manifest against the shards.
+
+        Raises:
+            CheckpointError: no manifest, an unreadable one, or a listed shard that is missing or
+                has the wrong shape or dtype.
+        """
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if manifest is None:
+            raise CheckpointError(
+                f"{path} is not a pair store (no {MANIFEST}); make one with make_pairs(...)"
+            )
+        t = len(manifest["times"])
+        shape = tuple(manifest["sample_shape"])
+        shards, start = [], 0
+        for entry in manifest["shards"]:
+            if int(entry["start"]) != start:
+                raise CheckpointError(
+                    f"pair store {path}: shard {entry['file']} starts at sample {entry['start']}, "
+                    f"expected {start}; the manifest is inconsistent, delete {path} and start over"
+                )
+            start += int(entry["count"])
+            file = path / entry["file"]
+            try:
+                arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise CheckpointError(
+                    f"pair store {path}: shard {entry['file']} listed in the manifest cannot be "
+                    f"read ({err}); delete the folder and make the pairs again"
+                ) from None
+            if arr.shape != (int(entry["count"]), t, *shape) or arr.dtype != manifest["dtype"]:
+                raise CheckpointError(
+                    f"pair store {path}: shard {entry['file']} has shape {arr.shape} and dtype "
+                    f"{arr.dtype}, the manifest says ({entry['count']}, {t}, *{shape}) "
+                    f"{manifest['dtype']}; delete the folder and make the pairs again"
+                )
+            shards.append(arr)
+        return cls(path, manifest, shards)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({err}); delete {path} to start over"
+        ) from None
+    keys = {"format", "times", "grid_indices", "fine_grid", "schedules", "sample_shape", "dtype"}
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a bossflow pair-store manifest ({FORMAT})")
+    keys |= {"shards", "samples", "count"}
+    if not keys <= manifest.keys():
+        raise CheckpointError(f"{file} lacks {sorted(keys - manifest.keys())}; delete {path}")
+    if manifest["dtype"] not in _DTYPES.values():
+        raise CheckpointError(f"{file}: unknown dtype {manifest['dtype']!r}; delete {path}")
+    return manifest
+
+
+def _integrate(field: VelocityField, z: Tensor, times: np.ndarray, keep: list[int]) -> Tensor:
+    """Fine Euler trajectories from ``z``, keeping only the states at fine-grid indices ``keep``.
+
+    The same arithmetic as :func:`bossflow.bellman.fine_trajectories` (so the stored states equal
+    its states exactly), but memory O(B * T * D) instead of O(B * N * D).
+
+    Returns:
+        (B, len(keep), ...) states in the dtype and on the device of ``z``.
+    """
+    out = z.new_empty((z.shape[0], len(keep), *z.shape[1:]))
+    column = {i: c for c, i in enumerate(keep)}
+    x = z
+    with torch.no_grad():
+        for i in range(len(times)):
+            if i in column:
+                out[:, column[i]] = x
+            if i == len(times) - 1:
+                break
+            t = torch.full((x.shape[0],), float(times[i]), dtype=x.dtype, device=x.device)
+            v = check_velocity(field(x, t), x)
+            x = x + float(times[i + 1] - times[i]) * v
+    return out
+
+
+def make_pairs(
+    field: VelocityField,
+    noise: NoiseLike,
+    schedules: Schedule | Sequence[Schedule] | Mapping[Any, Schedule],
+    out_dir: str | os.PathLike,
+    fine_grid: Schedule | int | Sequence[float] | None = None,
+    samples: int | None = None,
+    batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> PairStore:
+    """Integrate the pretrained field's fine Euler trajectories and store the states at the
+    schedules' times (the straightening pairs of paper eq. 9).
+
+    For noise ``z^m`` the fine Euler trajectory ``x^m_0 = z^m``,
+    ``x^m_{i+1} = x^m_i + (tau_{i+1} - tau_i) v(x^m_i, tau_i)`` is integrated on the fine grid and
+    only ``x^m`` at the union of the schedules' times is kept: for one schedule, the K + 1 states
+    ``x_{s_0}, ..., x_{s_K}`` (``s_0 = 0``: the noise, ``s_K = 1``: the final sample).
+
+    Args:
+        field: the *pretrained* velocity field ``v(x, t)``, ``x: (B, ...)``, ``t: (B,)``.
+        noise: an (M, ...) tensor, or a callable ``noise(range(a, b)) -> (b - a, ...)`` whose sample
+            ``m`` depends only on ``(seed, m)`` (e.g. :class:`~bossflow.noise.NoiseSource`).
+        schedules: a Schedule, a list of them or ``{K: Schedule}``; all times must be fine-grid times.
+        out_dir: the store's folder (created; resumed if it holds a matching store).
+        fine_grid: a Schedule, an int N (uniform, default 100) or a list of times.
+        samples: M when ``noise`` is a callable (ignored for a tensor).
+        batch_size: trajectories integrated at once; also the samples per shard. The stored values
+            do not depend on it.
+        dtype: stored dtype, ``torch.float32`` or ``torch.float16`` (integration runs in the
+            noise's dtype).
+        progress: show a tqdm bar.
+        meta: JSON-serialisable facts stored in the manifest (``model`` id, ``seed``, ...).
+
+    Returns:
+        The :class:`PairStore`, complete.
+
+    Raises:
+        ConfigError: bad arguments, or a schedule time that is not on the fine grid.
+        CheckpointError: ``out_dir`` holds a store made with other schedules, grid, model, noise
+            or dtype, or more samples than asked.
+        BossflowError: ``out_dir`` is a file or cannot be created.
+    """
+    grid = resolve_grid(fine_grid)
+    scheds = _as_schedules(schedules)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(noise, Tensor):
+        total = int(noise.shape[0])
+
+        def take(rows: range) -> Tensor:
+            return noise[rows.start : rows.stop]
+    elif callable(noise):
+        if samples is None:
+            raise ConfigError("pass samples=M when noise is a callable")
+        total, take = int(samples), noise
+    else:
+        raise ConfigError("noise must be an (M, ...) tensor or a callable noise(range) -> tensor")
+    if total < 1:
+        raise ConfigError("make_pairs needs at least one noise")
+
+    keep = sorted({i for s in scheds for i in _grid_indices(s, grid)})
+    first = take(range(0, 1))
+    meta = dict(meta or {})
+    identity = {
+        "format": FORMAT,
+        "fine_grid": grid.tolist(),
+        "times": [float(grid.times[i]) for i in keep],
+        "grid_indices": keep,
+        "schedules": [s.to_dict() for s in scheds],
+        "sample_shape": list(first.shape[1:]),
+        "dtype": _DTYPES[dtype],
+        "meta": meta,
+        "seed": meta.get("seed", getattr(noise, "seed", None)),
+        "model_fingerprint": module_fingerprint(field),
+        "noise_fingerprint": _noise_fingerprint(first[0]),
+    }
+    identity = json.loads(json.dumps(identity))  # what a JSON round trip gives, for comparison
+
+    path = ensure_dir(out_dir)
+    manifest = _read_manifest(path)
+    if manifest is None:
+        manifest = {**identity, "samples": total, "count": 0, "shards": []}
+    else:
+        differ = [k for k in identity if manifest.get(k) != identity[k]]
+        if differ:
+            raise CheckpointError(
+                f"{path} holds pairs made with another schedule, grid, model or noise (different: "
+                f"{', '.join(differ)}). Use another out_dir for these pairs, or delete {path}."
+            )
+        if manifest["count"] > total:
+            raise CheckpointError(
+                f"{path} already holds {manifest['count']} samples, more than the {total} asked; "
+                "pass samples >= that or use another out_dir"
+            )
+        manifest["samples"] = total
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=manifest["count"], desc="pairs", unit="traj")
+    try:
+        while manifest["count"] < total:
+            start = manifest["count"]
+            rows = range(start, min(start + batch_size, total))
+            states = _integrate(field, take(rows), grid.times, keep)
+            arr = states.detach().to("cpu", dtype).numpy()
+            name = f"shard-{len(manifest['shards']):05d}.npy"
+
+            def write(tmp: Path, arr: np.ndarray = arr) -> None:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr, allow_pickle=False)
+
+            atomic_write(path / name, write)
+            # The shard counts only from here on: a crash before this line leaves a file that no
+            # manifest lists, which the next run overwrites.
+            manifest["shards"].append({"file": name, "start": start, "count": len(rows)})
+            manifest["count"] = start + len(rows)
+            atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        if bar is not None:
+            bar.close()
+    return PairStore.open(path)

@@ -1,0 +1,708 @@
+"""Straightening (paper eq. 9) and the reflow baseline: one fine-tuning loop, read top to bottom.
+
+BOSS straightening fine-tunes ``v_theta`` so that ONE Euler step on each interval of a schedule
+``0 = s_0 < ... < s_K = 1`` lands where the pretrained model's fine trajectory lands. With reference
+states ``x_{s_k}`` from a :class:`~bossflow.straighten.pairs.PairStore`:
+
+    L_boss(theta) = E_{m, k} || v_theta(x^m_{s_k}, s_k) - (x^m_{s_{k+1}} - x^m_{s_k}) / (s_{k+1} - s_k) ||^2
+
+with the noise ``m`` and the interval ``k`` drawn uniformly. Reflow (Liu et al. 2023), the baseline
+under the same loop and budget, regresses the straight line between the noise ``z = x_0`` and the
+model's final sample ``x_1``:
+
+    L_reflow(theta) = E_{m, t ~ U[0, 1]} || v_theta(t x_1 + (1 - t) z, t) - (x_1 - z) ||^2.
+
+Both losses are means over the batch and over every dimension of a sample (``F.mse_loss``),
+computed in float32.
+
+The loop: AdamW (weight decay 0 by default, i.e. Adam), learning rate warmed up linearly over
+``warmup`` iterations then constant (or cosine down to 0 at ``iterations``), gradient clipping, an
+exponential moving average (EMA) of the trainable weights, full fine-tuning or LoRA adapters (peft)
+on every ``nn.Linear`` / ``nn.Conv2d``. Every random draw comes from one ``torch.Generator`` seeded
+by ``config.seed`` whose state is checkpointed, so a resumed run ends with exactly the weights of an
+uninterrupted one.
+
+Straightening overfits small pair pools (see docs: held-out error bottoms out while training error
+keeps falling), so a slice of the noises is held out and its one-step interval error
+(:func:`eval_interval_error`, evaluated with the EMA weights) is recorded every ``eval_every``
+iterations; ``select="best"`` returns the weights with the lowest held-out error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pickle
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ConfigError, ModelOutputError, require
+from ..io import atomic_write, atomic_write_text, ensure_dir
+from ..schedule import Schedule
+from .pairs import PairStore, module_fingerprint
+
+__all__ = [
+    "StraightenConfig",
+    "StraightenResult",
+    "straighten",
+    "eval_interval_error",
+    "save_straightened",
+    "OBJECTIVES",
+    "LR_SCHEDULES",
+]
+
+CHECKPOINT_FORMAT = "bossflow.straighten/1"
+OBJECTIVES = ("boss", "reflow")
+LR_SCHEDULES = ("constant", "cosine")
+SELECT = ("last", "best")
+# Config fields that change the training trajectory; a checkpoint made with other values cannot
+# be resumed. (iterations also matters under a cosine schedule, which decays to 0 at the end.)
+_TRAJECTORY_FIELDS = (
+    "batch_size",
+    "lr",
+    "warmup",
+    "lr_schedule",
+    "grad_clip",
+    "ema_decay",
+    "weight_decay",
+    "lora_rank",
+    "lora_alpha",
+    "seed",
+    "objective",
+    "holdout",
+    "amp",
+)
+
+
+@dataclass
+class StraightenConfig:
+    """Settings of :func:`straighten`.
+
+    Attributes:
+        iterations: optimisation steps in total (a resumed run continues up to this number).
+        batch_size: pairs per step.
+        lr: peak learning rate.
+        warmup: iterations of linear warmup from ``lr / warmup`` to ``lr``.
+        lr_schedule: ``"constant"`` after warmup, or ``"cosine"`` decay to 0 at ``iterations``.
+        grad_clip: max global gradient norm; 0 disables clipping.
+        ema_decay: EMA decay of the trainable weights (0 disables the EMA). Early on the decay is
+            ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs average too.
+        weight_decay: AdamW's decoupled weight decay (0: plain Adam).
+        lora_rank: 0 fine-tunes every weight; r > 0 trains rank-r LoRA adapters (peft) on every
+            ``nn.Linear`` and ``nn.Conv2d`` and merges them into a plain module at the end. The
+            usual LoRA setting is 4.
+        lora_alpha: LoRA scaling numerator (the update is ``alpha / r * B A``); ``None`` = rank.
+        seed: seeds the generator behind every random draw (pairs, intervals, times).
+        eval_every: record the training loss and held-out error every this many iterations (and
+            at the start and the end); 0 records only at the start and the end.
+        checkpoint_every: write ``out_dir/checkpoint.pt`` every this many iterations (and at the
+            end); 0 only at the end.
+        objective: ``"boss"`` (paper eq. 9) or ``"reflow"``.
+        holdout: noises held out for validation, the last ones of the store: a fraction in
+            (0, 1) or a count (0: none).
+        select: ``"last"`` returns the final (EMA) weights; ``"best"`` the recorded ones with the
+            lowest held-out error (needs a holdout).
+        amp: run the forward pass under bfloat16 autocast (the loss stays float32).
+        eval_batch_size: noises per batch when measuring the held-out error.
+    """
+
+    iterations: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup: int = 100
+    lr_schedule: str = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    weight_decay: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    seed: int = 0
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    objective: str = "boss"
+    holdout: float | int = 0.1
+    select: str = "last"
+    amp: bool = False
+    eval_batch_size: int = 256
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on an impossible setting, naming the valid choices."""
+        for name in ("iterations", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_every", "checkpoint_every", "lora_rank"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for name, value, allowed in (
+            ("objective", self.objective, OBJECTIVES),
+            ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            ("select", self.select, SELECT),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
+        if self.holdout < 0 or (isinstance(self.holdout, float) and self.holdout >= 1.0):
+            raise ConfigError(
+                f"holdout must be a fraction in [0, 1) or a count >= 0, got {self.holdout!r}"
+            )
+
+
+@dataclass
+class StraightenResult:
+    """What :func:`straighten` returns.
+
+    Attributes:
+        module: the fine-tuned velocity field, a plain module of the input's architecture (LoRA
+            adapters merged), in eval mode.
+        history: one dict per record: ``iteration``, ``train_loss`` (mean since the previous
+            record; ``None`` at iteration 0), ``heldout_loss`` (mean one-step interval error per
+            dimension on the held-out noises, EMA weights; ``None`` without a holdout), ``lr``.
+        iterations: iterations done in total (including those before a resume).
+        best_iteration: iteration with the lowest held-out error (``None`` without a holdout).
+        wall_s: seconds spent training, summed over resumed runs.
+        config: the configuration used.
+        schedule: the schedule trained for.
+        heldout_indices: the store's sample indices held out of training.
+        trainable_parameters: number of parameters trained (adapters only with LoRA).
+    """
+
+    module: nn.Module
+    history: list[dict[str, Any]]
+    iterations: int
+    best_iteration: int | None
+    wall_s: float
+    config: StraightenConfig
+    schedule: Schedule
+    heldout_indices: list[int] = field(default_factory=list)
+    trainable_parameters: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces used by the loop
+
+
+def _device_of(module: Any) -> torch.device:
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _dtype_of(module: Any) -> torch.dtype:
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+@contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    """Put a module in eval mode (dropout off) for the block, then restore its mode."""
+    was_training = isinstance(module, nn.Module) and module.training
+    if was_training:
+        module.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
+
+
+def eval_interval_error(
+    field: Callable[[Tensor, Tensor], Tensor],
+    pairs: PairStore,
+    schedule: Schedule,
+    indices: Sequence[int] | np.ndarray | Tensor,
+    batch_size: int = 256,
+) -> float:
+    """Mean one-step interval error of ``field`` on the given noises of a pair store.
+
+    For each noise ``m`` and interval ``k`` of the schedule,
+
+        e^m_k = (1/D) || x^m_{s_k} + (s_{k+1} - s_k) v(x^m_{s_k}, s_k) - x^m_{s_{k+1}} ||^2,
+
+    and the result is the mean of ``e^m_k`` over ``k`` and ``m`` (accumulated in float64): the
+    per-dimension squared error of one Euler step per interval against the fine trajectory,
+    i.e. ``(s_{k+1} - s_k)^2`` times the straightening loss of eq. 9 on that interval.
+
+    Args:
+        field: velocity field ``v(x, t)``; an ``nn.Module`` is evaluated in eval mode.
+        pairs: the store holding the reference states.
+        schedule: the schedule whose intervals are measured (its times must be in the store).
+        indices: sample indices of the store (e.g. held-out noises).
+        batch_size: noises per forward pass.
+
+    Returns:
+        The mean error (a Python float).
+    """
+    cols = pairs.for_schedule(schedule)
+    steps = np.diff(schedule.times)
+    idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64)
+    if idx.size == 0:
+        raise ConfigError("eval_interval_error needs at least one sample index")
+    device, dtype = _device_of(field), _dtype_of(field)
+    total = 0.0
+    with torch.no_grad(), _eval_mode(field):
+        for a in range(0, idx.size, batch_size):
+            x = pairs.states[idx[a : a + batch_size], :].to(device, dtype)  # (b, T, ...)
+            x = x[:, torch.as_tensor(cols, device=device)]  # (b, K + 1, ...)
+            for k, h in enumerate(steps):
+                t = torch.full((x.shape[0],), float(schedule.times[k]), device=device, dtype=dtype)
+                jump = x[:, k] + float(h) * field(x[:, k], t) - x[:, k + 1]
+                total += float(jump.double().pow(2).flatten(1).mean(1).sum())
+    return total / (idx.size * len(steps))
+
+
+def _learning_rate(it: int, config: StraightenConfig) -> float:
+    """Linear warmup over ``warmup`` iterations, then constant or cosine decay to 0."""
+    if config.warmup and it < config.warmup:
+        return config.lr * (it + 1) / config.warmup
+    if config.lr_schedule == "cosine":
+        span = max(config.iterations - config.warmup, 1)
+        return 0.5 * config.lr * (1.0 + math.cos(math.pi * (it - config.warmup) / span))
+    return config.lr
+
+
+def _add_lora(
+    module: nn.Module, rank: int, alpha: float | None, generator: torch.Generator
+) -> tuple[nn.Module, list[Tensor]]:
+    """Wrap ``module`` with rank-``rank`` LoRA adapters on every Linear and Conv2d layer.
+
+    Targets are found by layer type and passed to peft as one exact regular expression (peft
+    matches a list of names by suffix, which could catch other layers). peft initialises ``A``
+    from the global RNG; it is drawn again here from ``generator`` (same distribution: Kaiming
+    uniform, ``B = 0`` so the wrapped model starts equal to the base), so a run is reproducible.
+
+    Returns:
+        ``(wrapped, adapter_params)``: the peft ``LoraModel`` (called like the module; it has
+        ``merge_and_unload()``) and its adapter parameters, the only trainable ones.
+    """
+    import re
+
+    peft = require("peft", "lora", "LoRA straightening")
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise ConfigError(
+            f"{type(module).__name__} has no nn.Linear or nn.Conv2d layer to put LoRA adapters "
+            "on; use lora_rank=0 (full fine-tuning)"
+        )
+    lora_config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        lora_dropout=0.0,
+        target_modules="|".join(re.escape(n) for n in names),
+    )
+    try:
+        wrapped = LoraModel(module, lora_config, "default")
+    except Exception as err:  # peft raises many types; the user needs to know it was peft
+        raise ConfigError(
+            f"peft could not add LoRA adapters to {type(module).__name__} ({type(err).__name__}: "
+            f"{err}); use lora_rank=0 for full fine-tuning"
+        ) from err
+    adapters = []
+    for layer in wrapped.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for dictionary in (layer.lora_A, layer.lora_B):
+                adapters.extend(dictionary.parameters())
+            for weight in (m.weight for m in layer.lora_A.values()):
+                fresh = torch.empty(weight.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                with torch.no_grad():
+                    weight.copy_(fresh)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    # Exactly the adapters train: the base weights must stay frozen (peft's contract, checked).
+    assert {id(p) for p in trainable} == {id(p) for p in adapters}, (
+        "peft left base weights trainable"
+    )
+    return wrapped, adapters
+
+
+def _holdout_indices(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) sample indices: the last ``holdout`` noises are held out."""
+    count = int(round(holdout * n)) if isinstance(holdout, float) else int(holdout)
+    if isinstance(holdout, float) and holdout > 0:
+        count = max(count, 1)
+    if count >= n:
+        raise ConfigError(
+            f"holdout {holdout!r} leaves no training noise in a store of {n}; make more pairs or "
+            "hold out fewer"
+        )
+    return np.arange(n - count), np.arange(n - count, n)
+
+
+def _pairs_identity(pairs: PairStore) -> dict[str, Any]:
+    m = pairs.manifest
+    return {
+        "times": [float(t) for t in pairs.times],
+        "samples": len(pairs),
+        "model_fingerprint": m.get("model_fingerprint"),
+        "noise_fingerprint": m.get("noise_fingerprint"),
+    }
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); delete it to "
+            "start over, or pass another out_dir"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a bossflow straightening checkpoint")
+    return ckpt
+
+
+def _check_resumable(
+    ckpt: dict[str, Any],
+    path: Path,
+    config: StraightenConfig,
+    schedule: Schedule,
+    pairs: PairStore,
+    base: str | None,
+) -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt`` continues exactly this run."""
+    keys = {"config", "schedule", "pairs", "base_fingerprint", "iteration", "model", "optimizer"}
+    keys |= {"ema", "generator", "history", "running", "best", "wall_s"}
+    if not keys <= ckpt.keys():
+        raise CheckpointError(f"{path} lacks {sorted(keys - ckpt.keys())}; delete it to start over")
+    saved = ckpt["config"]
+    fields = _TRAJECTORY_FIELDS + (("iterations",) if config.lr_schedule == "cosine" else ())
+    differ = [
+        f"{name}: {saved.get(name)!r} in the checkpoint, {getattr(config, name)!r} now"
+        for name in fields
+        if saved.get(name) != getattr(config, name)
+    ]
+    if list(ckpt["schedule"]["times"]) != schedule.tolist():
+        differ.append("schedule times")
+    if ckpt["pairs"] != _pairs_identity(pairs):
+        differ.append("pair store (other times, noises, model or sample count)")
+    if ckpt["base_fingerprint"] != base:
+        differ.append("base model weights")
+    if differ:
+        raise CheckpointError(
+            f"{path} was made by another straightening run ({'; '.join(differ)}). Pass another "
+            "out_dir, or delete the checkpoint to start over."
+        )
+    if ckpt["iteration"] > config.iterations:
+        raise CheckpointError(
+            f"{path} is already at iteration {ckpt['iteration']}, beyond the {config.iterations} "
+            "asked; pass iterations >= that or another out_dir"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def straighten(
+    field_module: nn.Module,
+    pairs: PairStore,
+    schedule: Schedule,
+    config: StraightenConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> StraightenResult:
+    """Fine-tune a copy of ``field_module`` by BOSS straightening (paper eq. 9) or reflow.
+
+    Args:
+        field_module: the pretrained velocity field ``v(x, t)`` (``x: (B, ...)``, ``t: (B,)``), an
+            ``nn.Module`` (e.g. :class:`~bossflow.field.RectifiedFlowField`). It is deep-copied and
+            never modified; training runs on its device and dtype.
+        pairs: reference states from :func:`~bossflow.straighten.make_pairs`, holding the
+            schedule's times.
+        schedule: the schedule ``s_0..s_K`` to straighten for (also measures the held-out error
+            under reflow).
+        config: settings (defaults: :class:`StraightenConfig`).
+        out_dir: folder for ``checkpoint.pt`` and ``history.json``; a run finding a checkpoint of
+            the same run there resumes from it. ``None``: no files.
+        progress: show a tqdm bar with the loss.
+        callback: called after every iteration with ``{"iteration", "loss", "lr", "model"}``
+            (``loss`` a 0-dim tensor; ``model`` the module being trained, with its raw weights
+            and, under LoRA, the peft wrapper). Raising from it stops the run; the last checkpoint
+            stays for a resume.
+
+    Returns:
+        A :class:`StraightenResult`; ``.module`` is a plain module of the input's architecture.
+
+    Raises:
+        ConfigError: bad settings, or LoRA impossible on this module.
+        CheckpointError: ``out_dir`` holds an unreadable checkpoint or one of another run; the
+            pair store lacks the schedule's times.
+        BossflowError: ``out_dir`` is a file, or a file cannot be written.
+    """
+    config = config or StraightenConfig()
+    config.check()
+    if not isinstance(field_module, nn.Module):
+        raise ConfigError("straighten needs an nn.Module velocity field (wrap it: bossflow.field)")
+    cols = torch.as_tensor(pairs.for_schedule(schedule))  # (K + 1,) store columns of s_0..s_K
+    times = torch.tensor(np.array(schedule.times), dtype=torch.float64)
+    zero_col, one_col = int(cols[0]), int(cols[-1])  # t = 0 (the noise) and t = 1 (x_1)
+    train_idx, heldout_idx = _holdout_indices(len(pairs), config.holdout)
+    if config.select == "best" and heldout_idx.size == 0:
+        raise ConfigError('select="best" needs held-out noises: set holdout > 0')
+    ckpt_path = None
+    if out_dir is not None:
+        ckpt_path = ensure_dir(out_dir) / "checkpoint.pt"
+
+    # the model: a private copy, fully trainable or with LoRA adapters only
+    base_fingerprint = module_fingerprint(field_module)
+    model = copy.deepcopy(field_module)
+    device, dtype = _device_of(model), _dtype_of(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.lora_rank > 0:
+        model, params = _add_lora(model, config.lora_rank, config.lora_alpha, generator)
+    else:
+        model.requires_grad_(True)
+        params = list(model.parameters())
+    if not params:
+        raise ConfigError(f"{type(field_module).__name__} has no parameters to fine-tune")
+    names = {id(p): n for n, p in model.named_parameters()}
+    param_names = [names[id(p)] for p in params]
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if config.amp else nullcontext()
+
+    # state that a checkpoint carries
+    iteration, history, wall_s = 0, [], 0.0
+    best: dict[str, Any] | None = None  # {"iteration", "loss", "params": [tensors]}
+    loss_sum, loss_count = 0.0, 0
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = _load_checkpoint(ckpt_path)
+        _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint)
+        try:
+            model.load_state_dict(ckpt["model"])  # strict: every key, no extra one
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ema is not None:
+                for e, name in zip(ema, param_names, strict=True):
+                    e.copy_(ckpt["ema"][name])
+            generator.set_state(ckpt["generator"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"{ckpt_path} does not fit this model or run ({type(err).__name__}: {err}); pass "
+                "another out_dir or delete it to start over"
+            ) from None
+        iteration, history, wall_s = ckpt["iteration"], ckpt["history"], ckpt["wall_s"]
+        loss_sum, loss_count = ckpt["running"]["loss_sum"], ckpt["running"]["loss_count"]
+        if ckpt["best"] is not None:
+            best = {**ckpt["best"], "params": [t.to(device) for t in ckpt["best"]["params"]]}
+
+    @contextmanager
+    def ema_weights() -> Iterator[None]:
+        """Evaluate with the EMA weights swapped in (the raw ones are restored afterwards)."""
+        if ema is None:
+            yield
+            return
+        raw = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, ema, strict=True):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw, strict=True):
+                    p.copy_(r)
+
+    def record(lr: float) -> None:
+        """Append the training loss since the last record and the held-out error to history."""
+        nonlocal loss_sum, loss_count, best
+        heldout = None
+        if heldout_idx.size:
+            with ema_weights():
+                heldout = eval_interval_error(
+                    model, pairs, schedule, heldout_idx, config.eval_batch_size
+                )
+                if best is None or heldout < best["loss"]:
+                    snapshot = [p.detach().clone() for p in params]
+                    best = {"iteration": iteration, "loss": heldout, "params": snapshot}
+        train_loss = loss_sum / loss_count if loss_count else None
+        if train_loss is not None and not math.isfinite(train_loss):
+            raise ConfigError(
+                f"the training loss became {train_loss} by iteration {iteration}; lower lr or "
+                "check the pairs"
+            )
+        history.append(
+            {"iteration": iteration, "train_loss": train_loss, "heldout_loss": heldout, "lr": lr}
+        )
+        loss_sum, loss_count = 0.0, 0
+
+    def save_checkpoint() -> None:
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": iteration,
+            "config": asdict(config),
+            "schedule": schedule.to_dict(),
+            "pairs": _pairs_identity(pairs),
+            "base_fingerprint": base_fingerprint,
+            "model": model.state_dict(),
+            "ema": dict(zip(param_names, ema, strict=True)) if ema is not None else {},
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "history": history,
+            "running": {"loss_sum": loss_sum, "loss_count": loss_count},
+            "best": best,
+            "wall_s": wall_s,
+        }
+        atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+        atomic_write_text(ckpt_path.with_name("history.json"), json.dumps(history, indent=1))
+
+    def batch() -> tuple[Tensor, Tensor, Tensor]:
+        """One batch ``(x, t, target)`` of the chosen objective, drawn from ``generator``."""
+        pick = torch.randint(len(train_idx), (config.batch_size,), generator=generator)
+        m = train_idx[pick.numpy()]  # sample indices in the store
+        if config.objective == "boss":
+            k = torch.randint(len(cols) - 1, (config.batch_size,), generator=generator)
+            x_k = pairs.states[m, cols[k]].to(device, torch.float32)
+            x_next = pairs.states[m, cols[k + 1]].to(device, torch.float32)
+            h = (times[k + 1] - times[k]).to(device, torch.float32)
+            target = (x_next - x_k) / h.view(-1, *([1] * (x_k.ndim - 1)))
+            return x_k, times[k].to(device, torch.float32), target
+        z = pairs.states[m, zero_col].to(device, torch.float32)
+        x_1 = pairs.states[m, one_col].to(device, torch.float32)
+        t = torch.rand(config.batch_size, generator=generator, dtype=torch.float64)
+        t = t.to(device, torch.float32)
+        tb = t.view(-1, *([1] * (z.ndim - 1)))
+        return tb * x_1 + (1.0 - tb) * z, t, x_1 - z
+
+    if iteration == 0:
+        record(_learning_rate(0, config))  # the pretrained model's held-out error: the baseline
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=config.iterations, initial=iteration, desc=f"straighten ({config.objective})"
+        )
+    shown = None  # smoothed loss for the progress bar
+    start_time = time.perf_counter()
+    try:
+        while iteration < config.iterations:
+            lr = _learning_rate(iteration, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, t, target = batch()
+            with autocast():
+                pred = model(x.to(dtype), t.to(dtype))
+            if pred.shape != target.shape:  # mse_loss would broadcast silently
+                raise ModelOutputError(
+                    f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
+                )
+            loss = F.mse_loss(pred.float(), target)  # float32 whatever the model's dtype
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            iteration += 1
+            if ema is not None:
+                decay = min(config.ema_decay, iteration / (iteration + 9))  # (1 + n) / (10 + n)
+                with torch.no_grad():
+                    for e, p in zip(ema, params, strict=True):
+                        e.lerp_(p, 1.0 - decay)
+            # note: float(loss) is a device sync; cheap next to a step of any real model
+            loss_value = float(loss.detach())
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            if callback is not None:
+                callback({"iteration": iteration, "loss": loss.detach(), "lr": lr, "model": model})
+            last = iteration == config.iterations
+            if last or (config.eval_every and iteration % config.eval_every == 0):
+                record(lr)
+            if bar is not None:
+                shown = loss_value if shown is None else 0.9 * shown + 0.1 * loss_value
+                bar.set_postfix(loss=f"{shown:.4g}", refresh=False)
+                bar.update(1)
+            if ckpt_path is not None and (
+                last or (config.checkpoint_every and iteration % config.checkpoint_every == 0)
+            ):
+                wall_s += time.perf_counter() - start_time
+                start_time = time.perf_counter()
+                save_checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+    wall_s += time.perf_counter() - start_time
+
+    # the weights to return: the best recorded, else the EMA, else the raw ones
+    with torch.no_grad():
+        chosen = best["params"] if config.select == "best" else ema
+        if chosen is not None:
+            for p, value in zip(params, chosen, strict=True):
+                p.copy_(value)
+    if config.lora_rank > 0:
+        model = model.merge_and_unload()  # plain layers, adapters folded into the weights
+    model.requires_grad_(True).eval()
+    return StraightenResult(
+        module=model,
+        history=history,
+        iterations=iteration,
+        best_iteration=best["iteration"] if best is not None else None,
+        wall_s=wall_s,
+        config=config,
+        schedule=schedule,
+        heldout_indices=[int(i) for i in heldout_idx],
+        trainable_parameters=sum(p.numel() for p in params),
+    )
+
+
+def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path:
+    """Save the fine-tuned module as safetensors plus a JSON provenance file, both atomically.
+
+    Writes ``path`` (``.safetensors``: the plain module's ``state_dict()``, loadable with
+    ``load_state_dict(..., strict=True)`` into the base architecture) and ``path`` with suffix
+    ``.json``: ``{"format", "objective", "schedule", "config", "iterations", "best_iteration",
+    "history", "wall_s", "heldout_indices", "trainable_parameters"}``. The JSON is written second,
+    so it never describes weights that are not there.
+
+    Returns:
+        The path of the ``.safetensors`` file.
+    """
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    state = {
+        k: v.detach().cpu().contiguous().clone() for k, v in result.module.state_dict().items()
+    }
+    provenance = {
+        "format": "bossflow.straightened/1",
+        "objective": result.config.objective,
+        "schedule": result.schedule.to_dict(),
+        "config": asdict(result.config),
+        "iterations": result.iterations,
+        "best_iteration": result.best_iteration,
+        "history": result.history,
+        "wall_s": result.wall_s,
+        "heldout_indices": result.heldout_indices,
+        "trainable_parameters": result.trainable_parameters,
+    }
+    blob = st_save(state, metadata={"format": provenance["format"]})
+    atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(provenance, indent=1) + "\n")
+    return path

@@ -1,0 +1,164 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bossflow.bellman import fine_trajectories
+from bossflow.errors import BossflowError, CheckpointError, ConfigError
+from bossflow.noise import NoiseSource
+from bossflow.schedule import Schedule, uniform
+from bossflow.straighten import PairStore, make_pairs
+
+from . import TinyField, pretrained_field
+
+GRID = uniform(20)
+
+
+def on_grid(*indices: int) -> Schedule:
+    return Schedule(GRID.times[list(indices)], method="custom")
+
+
+# two budgets whose times overlap at 0, 0.5 and 1: the union has 5 times, not 3 + 4
+SCHEDULES = [on_grid(0, 10, 20), on_grid(0, 4, 10, 16, 20)]
+UNION = [0, 4, 10, 16, 20]
+
+
+class Flaky(nn.Module):
+    """A field that raises on its ``fail_at``-th call: a crash in the middle of a run."""
+
+    def __init__(self, field: nn.Module, fail_at: int | None = None):
+        super().__init__()
+        self.field, self.fail_at, self.calls = field, fail_at, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt("simulated crash")
+        return self.field(x, t)
+
+
+@pytest.fixture(scope="module")
+def field():
+    return pretrained_field()
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(13, 2, generator=torch.Generator().manual_seed(3))
+
+
+def test_stores_only_union_times_equal_to_the_fine_trajectory(field, noise, tmp_path):
+    store = make_pairs(field, noise, SCHEDULES, tmp_path / "p", fine_grid=GRID, batch_size=4)
+    assert len(store) == 13 and store.complete
+    assert store.states.shape == (13, len(UNION), 2)
+    np.testing.assert_array_equal(store.times, GRID.times[UNION])
+    np.testing.assert_array_equal(store.grid_indices, UNION)
+    # the same batches through bossflow.bellman's fine trajectories (BLAS results may depend on
+    # the batch's size in the last bit; across batch sizes see the next tests)
+    states = torch.cat([fine_trajectories(field, z, GRID)[0] for z in noise.split(4)])
+    assert torch.equal(store.states[:], states[:, UNION])
+    assert torch.equal(store.states[:, 0], noise)  # column 0 is the noise itself (t = 0)
+    # each schedule finds its K + 1 columns among the union
+    assert store.for_schedule(SCHEDULES[0]).tolist() == [0, 2, 4]
+    assert store.for_schedule(SCHEDULES[1]).tolist() == [0, 1, 2, 3, 4]
+    # indexing: rows in any order, one column per row, across shard boundaries
+    rows, cols = np.array([12, 0, 5, 5]), np.array([4, 1, 0, 2])
+    assert torch.equal(store.states[rows, cols], states[rows, np.array(UNION)[cols]])
+    assert store.states[[], 1].shape == (0, 2) and store.states[3].shape == (5, 2)
+
+
+def test_shards_are_memory_mappable_with_a_manifest(field, tmp_path):
+    source = NoiseSource((2,), seed=7)
+    store = make_pairs(
+        field, source, SCHEDULES, tmp_path, fine_grid=GRID, samples=10, batch_size=4,
+        meta={"model": "tiny", "seed": 7},
+    )  # fmt: skip
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["count"] == 10 and manifest["samples"] == 10
+    assert [s["count"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["times"] == GRID.times[UNION].tolist()
+    assert manifest["fine_grid"] == GRID.tolist()
+    assert manifest["schedules"] == [s.to_dict() for s in SCHEDULES]
+    assert manifest["seed"] == 7 and manifest["meta"]["model"] == "tiny"
+    assert manifest["sample_shape"] == [2] and manifest["dtype"] == "float32"
+    shard = np.load(tmp_path / "shard-00001.npy", mmap_mode="r")
+    assert isinstance(shard, np.memmap) and shard.shape == (4, 5, 2)
+    # sample m depends only on (seed, m)
+    np.testing.assert_array_equal(shard[:, 0], source(range(4, 8)).numpy())
+    reopened = PairStore.open(tmp_path)
+    assert torch.equal(reopened.states[:], store.states[:])
+
+
+def test_values_do_not_depend_on_the_batch_size(field, noise, tmp_path):
+    a = make_pairs(field, noise, SCHEDULES, tmp_path / "a", fine_grid=GRID, batch_size=13)
+    b = make_pairs(field, noise, SCHEDULES, tmp_path / "b", fine_grid=GRID, batch_size=3)
+    torch.testing.assert_close(a.states[:], b.states[:], rtol=0, atol=1e-6)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_store(field, noise, tmp_path):
+    whole = make_pairs(
+        Flaky(field), noise, SCHEDULES, tmp_path / "whole", fine_grid=GRID, batch_size=4
+    )
+    # 20 calls per batch of 4: the crash comes in the 3rd batch, after 2 complete shards
+    with pytest.raises(KeyboardInterrupt):
+        make_pairs(
+            Flaky(field, fail_at=45), noise, SCHEDULES, tmp_path / "r", fine_grid=GRID, batch_size=4
+        )
+    assert PairStore.open(tmp_path / "r").manifest["count"] == 8
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "r").iterdir())
+    counter = Flaky(field)
+    resumed = make_pairs(counter, noise, SCHEDULES, tmp_path / "r", fine_grid=GRID, batch_size=4)
+    assert counter.calls == 2 * 20  # only the 5 missing samples, in 2 batches
+    assert torch.equal(resumed.states[:], whole.states[:])
+
+
+def test_a_shard_without_manifest_entry_is_redone(field, noise, tmp_path):
+    whole = make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID, batch_size=5)
+    expected = whole.states[:]  # read now: the shards are memory-mapped and rewritten below
+    # a crash between writing shard 2 and listing it: the file exists, the manifest omits it
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"].pop()
+    manifest["count"] = 10
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    np.save(tmp_path / "shard-00002.npy", np.full((3, 5, 2), 99.0, dtype=np.float32))
+    assert len(PairStore.open(tmp_path)) == 10  # the unlisted shard is not complete
+    redone = make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID, batch_size=5)
+    assert torch.equal(redone.states[:], expected)
+
+
+def test_float16_storage(field, noise, tmp_path):
+    full = make_pairs(field, noise, SCHEDULES, tmp_path / "32", fine_grid=GRID)
+    half = make_pairs(field, noise, SCHEDULES, tmp_path / "16", fine_grid=GRID, dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.states[:].dtype == torch.float16
+    assert np.load(tmp_path / "16" / "shard-00000.npy", mmap_mode="r").dtype == np.float16
+    torch.testing.assert_close(half.states[:].float(), full.states[:], rtol=2e-3, atol=2e-3)
+
+
+def test_pairs_made_with_another_schedule_grid_or_model_are_refused(field, noise, tmp_path):
+    make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID)
+    with pytest.raises(CheckpointError, match="another schedule"):
+        make_pairs(field, noise, [on_grid(0, 6, 20)], tmp_path, fine_grid=GRID)
+    with pytest.raises(CheckpointError, match="fine_grid"):
+        make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=uniform(40))
+    with pytest.raises(CheckpointError, match="model_fingerprint"):
+        make_pairs(TinyField(), noise, SCHEDULES, tmp_path, fine_grid=GRID)
+    with pytest.raises(CheckpointError, match="noise_fingerprint"):
+        make_pairs(field, noise + 1, SCHEDULES, tmp_path, fine_grid=GRID)
+    with pytest.raises(CheckpointError, match="pairs were made with another schedule"):
+        PairStore.open(tmp_path).for_schedule(on_grid(0, 6, 20))
+
+
+def test_bad_inputs_give_clear_errors(field, noise, tmp_path):
+    with pytest.raises(ConfigError, match="not on the fine grid"):
+        make_pairs(field, noise, Schedule([0.0, 0.33, 1.0]), tmp_path / "a", fine_grid=GRID)
+    with pytest.raises(ConfigError, match="samples"):
+        make_pairs(field, NoiseSource((2,)), SCHEDULES, tmp_path / "b", fine_grid=GRID)
+    with pytest.raises(ConfigError, match="float16"):
+        make_pairs(field, noise, SCHEDULES, tmp_path / "c", fine_grid=GRID, dtype=torch.int8)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BossflowError, match="not a directory"):
+        make_pairs(field, noise, SCHEDULES, tmp_path / "file", fine_grid=GRID)
+    with pytest.raises(CheckpointError, match="not a pair store"):
+        PairStore.open(tmp_path)
