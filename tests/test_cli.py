@@ -1,5 +1,7 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +185,52 @@ def test_console_script_help_explains_options():
         "--convention",
     ):
         assert option in out
+
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rectified_flow"
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/fixtures/rectified_flow is not present")
+def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
+    config = json.loads((FIXTURES / "tiny_cifar_like.json").read_text())["config"]
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    model = [
+        "--model",
+        f"rectified-flow:{tmp_path / 'tiny.json'}",
+        "--checkpoint",
+        FIXTURES / "tiny_cifar_like_checkpoint.pth",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        run(
+            "schedule",
+            *model,
+            "--nfe",
+            "2",
+            "--kmax",
+            "6",
+            "--samples",
+            "2",
+            "--out",
+            tmp_path / "s",
+            "--quiet",
+        )
+        == 0
+    )
+    s = Schedule.load(tmp_path / "s" / "schedule_nfe2.json")
+    assert "tiny_cifar_like_checkpoint.pth" in s.provenance["model"]
+    assert (
+        run(
+            "sample",
+            *model,
+            "--schedule",
+            tmp_path / "s" / "schedule_nfe2.json",
+            "--n",
+            "2",
+            "--out",
+            tmp_path / "x.png",
+        )
+        == 0
+    )
+    assert (tmp_path / "x.png").stat().st_size > 0

@@ -30,7 +30,14 @@ from .field import (
     TorchCFMField,
 )
 
-__all__ = ["LoadedModel", "load_model", "CONVENTIONS", "load_state_dict_file", "BUILTIN_MODELS"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "load_finetuned",
+    "CONVENTIONS",
+    "load_state_dict_file",
+    "BUILTIN_MODELS",
+]
 
 CONVENTIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "bossflow": lambda m: m,
@@ -114,6 +121,14 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
             + ". Check that --model/--config describe the network the checkpoint was saved from."
         )
     module.load_state_dict(state, strict=True)
+
+
+def load_finetuned(model: LoadedModel, path: str | Path) -> LoadedModel:
+    """Load a straightened ``model.safetensors`` strictly into ``model.field`` (in place)."""
+    state = load_state_dict_file(path, map_location="cpu")
+    load_strict(model.field, state, str(path))
+    model.model_id += f"+{Path(path).name}"
+    return model
 
 
 def _parse_shape(shape: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
