@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import BossflowError
 
@@ -71,13 +72,18 @@ def add_model_options(p: argparse.ArgumentParser, default: str | None = "digits"
         default="ema",
         help="which weight set of a rectified-flow checkpoint to use (default: ema)",
     )
+    g.add_argument(
+        "--finetuned",
+        help="a straightened model.safetensors written by 'bossflow straighten' (or the demo), "
+        "loaded strictly on top of --model",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
 
 
 def _load(args: argparse.Namespace):
     from .spec import load_model
 
-    return load_model(
+    model = load_model(
         args.model,
         checkpoint=args.checkpoint,
         convention=args.convention,
@@ -85,6 +91,27 @@ def _load(args: argparse.Namespace):
         device=_device(args.device),
         weights=args.weights,
     )
+    if getattr(args, "finetuned", None):
+        from .spec import load_finetuned
+
+        load_finetuned(model, args.finetuned)
+    return model
+
+
+def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """Named schedules from --schedule FILE ... and/or --nfe K,... with --spacing NAME,..."""
+    from .schedule import Schedule, make_schedule
+
+    out: dict[str, object] = {}
+    for path in args.schedule or []:
+        s = Schedule.load(path)
+        out[f"{s.method} ({s.steps}) {Path(path).name}"] = s
+    for name in args.spacing.split(","):
+        for k in args.nfe or []:
+            out[f"{name} ({k})"] = make_schedule(name.strip(), k)
+    if not out:
+        raise BossflowError("give --schedule FILE or --nfe K to say which time grid to use")
+    return out
 
 
 # -- schedule ----------------------------------------------------------------------------------
@@ -121,6 +148,156 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         times = " ".join(f"{t:.3f}" for t in s.times)
         print(f"{k:>4}  {s.cost:>12.6g}  {times}")
     print(f"wrote {out / 'cost_matrix.npz'} and {len(schedules)} schedule files in {out}")
+    return 0
+
+
+# -- sample ------------------------------------------------------------------------------------
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .noise import NoiseSource
+    from .report import save_grid
+    from .solvers import sample
+
+    model = _load(args)
+    schedules = _schedules_from_args(args)
+    if len(schedules) != 1:
+        raise BossflowError("sample takes one schedule: one --schedule FILE or one --nfe K")
+    ((name, schedule),) = schedules.items()
+    noise = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
+    x = sample(model.field, noise.take(args.n), schedule, solver=args.solver)
+    value_range = (-1.0, 1.0) if model.centered else (0.0, 1.0)
+    path = save_grid(x.float().cpu(), args.out, scale=args.scale, value_range=value_range)
+    if args.save_tensor:
+        import torch
+
+        from .io import atomic_write
+
+        atomic_write(args.save_tensor, lambda p: torch.save({"samples": x.cpu()}, p))
+    print(f"{args.n} samples of {model.model_id} with {name} ({args.solver}) -> {path}")
+    return 0
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .io import ensure_dir
+    from .metrics import METHODS
+    from .noise import NoiseSource
+    from .pipeline import STAGE_OFFSETS, OffsetNoise, evaluate_methods
+    from .report import markdown_table, write_report
+    from .solvers import reference_solve
+
+    out = ensure_dir(args.out)
+    model = _load(args)
+    schedules = _schedules_from_args(args)
+    source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
+    noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(args.samples))
+    reference = reference_solve(model.field, noise, steps=args.reference_steps)
+    data = features = None
+    if model.dataset == "digits":
+        from .data import load_dataset
+        from .pretrained import load_digits_classifier
+
+        data = load_dataset("digits", "heldout").images.to(noise.device)
+        features = load_digits_classifier(device=noise.device).features
+    entries = []
+    for name, s in schedules.items():
+        method = args.method or s.method
+        if method not in METHODS:
+            raise BossflowError(
+                f"schedule {name!r} has method {method!r}, which is not a report label; pass "
+                f"--method with one of {list(METHODS)}"
+            )
+        entries.append((method, s.steps, model.field, s, None))
+    records, samples = evaluate_methods(entries, noise, reference, data, features)
+    report = write_report(
+        out,
+        records,
+        schedules=schedules,
+        samples={n: samples[(e[0], e[1])][:16].cpu() for n, e in zip(schedules, entries)},
+        extra={"model": model.model_id, "samples": args.samples, "seed": args.seed},
+        title=f"bossflow evaluate: {model.model_id}",
+    )
+    print(markdown_table(records))
+    print(f"report: {report}")
+    return 0
+
+
+# -- straighten --------------------------------------------------------------------------------
+def cmd_straighten(args: argparse.Namespace) -> int:
+    from .io import ensure_dir
+    from .noise import NoiseSource
+    from .pipeline import STAGE_OFFSETS, OffsetNoise
+    from .schedule import Schedule
+    from .straighten import StraightenConfig, make_pairs, save_straightened, straighten
+
+    out = ensure_dir(args.out)
+    model = _load(args)
+    schedule = Schedule.load(args.schedule)
+    kmax = int(schedule.provenance.get("k_max", args.kmax))
+    source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
+    pairs = make_pairs(
+        model.field,
+        OffsetNoise(source, STAGE_OFFSETS["pairs"]),
+        [schedule],
+        out / "pairs",
+        fine_grid=kmax,
+        samples=args.pairs,
+        batch_size=args.batch,
+        progress=not args.quiet,
+        meta={"model": model.model_id, "seed": args.seed},
+    )
+    config = StraightenConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        objective=args.objective,
+        holdout=args.holdout,
+        select=args.select,
+        eval_every=max(1, args.iterations // 20),
+        checkpoint_every=args.checkpoint_every,
+    )
+    result = straighten(model.field, pairs, schedule, config, out / "train", not args.quiet)
+    path = save_straightened(result, out / "model.safetensors")
+    last = result.history[-1] if result.history else {}
+    print(
+        f"{args.objective}: {result.iterations} iterations in {result.wall_s:.1f} s, held-out "
+        f"one-step error {last.get('heldout_loss')} (best at iteration {result.best_iteration})"
+    )
+    print(f"wrote {path}; use it with --finetuned {path}")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .pipeline import DemoConfig, run_demo
+
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    overrides = {
+        k: getattr(args, k)
+        for k in ("seed", "iterations", "pair_samples", "eval_samples")
+        if getattr(args, k) is not None
+    }
+    config = replace(config, **overrides)
+    run_demo(args.out, config, device=_device(args.device), progress=not args.quiet)
+    return 0
+
+
+# -- train-base ----------------------------------------------------------------------------------
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from .io import ensure_dir
+    from .train_base import train_and_save
+
+    out = ensure_dir(args.out)
+    flow = {"steps": args.steps} if args.steps else {}
+    train_and_save(out, dataset=args.dataset, seed=args.seed, flow=flow, progress=not args.quiet)
+    print(
+        f"wrote the model and classifier to {out}; use them with --model digits --checkpoint "
+        f"{out}/{args.dataset}.safetensors"
+    )
     return 0
 
 
@@ -179,6 +356,143 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_schedule)
+
+    def schedule_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--schedule",
+            action="append",
+            help="a schedule JSON (from 'bossflow schedule'); may be repeated",
+        )
+        p.add_argument("--nfe", type=_int_list, help="step counts for --spacing grids, e.g. 2,4")
+        p.add_argument(
+            "--spacing",
+            default="uniform",
+            help="built-in grids for --nfe: uniform, edm, quadratic (comma-separated)",
+        )
+
+    p = sub.add_parser("sample", help="sample from a model on a schedule and write a PNG grid")
+    add_model_options(p)
+    schedule_options(p)
+    p.add_argument("--solver", default="euler", choices=["euler", "heun", "midpoint"])
+    p.add_argument("--n", type=_positive, default=64, help="number of samples (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--scale", type=_positive, default=8, help="pixel upscaling of the grid")
+    p.add_argument("--out", default="samples.png", help="PNG file to write (default: samples.png)")
+    p.add_argument("--save-tensor", help="also save the raw samples to this .pt file")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="compare schedules by error to a reference solve (and Fréchet distance on digits)",
+    )
+    add_model_options(p)
+    schedule_options(p)
+    p.add_argument(
+        "--samples", type=_positive, default=256, help="held-out evaluation noises (default: 256)"
+    )
+    p.add_argument(
+        "--reference-steps",
+        type=_positive,
+        default=1000,
+        help="Euler steps of the reference solve (default: 1000)",
+    )
+    p.add_argument(
+        "--method",
+        help="method label in the results, e.g. boss for a --finetuned model (default: each "
+        "schedule's own: uniform, edm, bellman)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--out", default="runs/evaluate", help="output folder (default: runs/evaluate)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "straighten",
+        help="fine-tune a model on a Bellman schedule (BOSS, full or LoRA) or by reflow",
+        description="Make straightening pairs (reference states at the schedule's times) and "
+        "fine-tune the model so one Euler step per interval lands on them (paper eq. 9). "
+        "Rerunning with the same --out resumes pairs and training.",
+    )
+    add_model_options(p)
+    p.add_argument("--schedule", required=True, help="schedule JSON from 'bossflow schedule'")
+    p.add_argument(
+        "--pairs",
+        type=_positive,
+        default=4096,
+        help="training noises (10%% are held out for validation; default: 4096)",
+    )
+    p.add_argument(
+        "--kmax",
+        type=_positive,
+        default=100,
+        help="fine grid intervals if the schedule does not record its K_max",
+    )
+    p.add_argument("--iterations", type=_positive, default=1000)
+    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument(
+        "--batch",
+        type=_positive,
+        default=256,
+        help="trajectories integrated at once while making pairs",
+    )
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="0: full fine-tuning (default); r > 0: LoRA of rank r (needs peft)",
+    )
+    p.add_argument("--objective", choices=["boss", "reflow"], default="boss")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of noises held out to track the one-step error",
+    )
+    p.add_argument(
+        "--select",
+        choices=["best", "last"],
+        default="best",
+        help="keep the weights with the best held-out error, or the last ones",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/straighten")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_straighten)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole method on the shipped digits model, with a report",
+        description="Bellman schedules for NFE 2, 4, 6, 8 -> BOSS (full and LoRA) for NFE 2 and 4 "
+        "-> reflow at the same iterations -> evaluation of every method on held-out noises -> "
+        "report.md, results.json, plots and sample grids. Rerun to resume.",
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a sub-minute version (tiny sizes)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--iterations", type=_positive, help="fine-tuning iterations per run")
+    p.add_argument("--pair-samples", type=_positive, help="straightening noises")
+    p.add_argument("--eval-samples", type=_positive, help="held-out evaluation noises")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "train-base",
+        help="retrain the shipped digits model and classifier (writes .safetensors + .json)",
+    )
+    p.add_argument("--out", default="runs/base", help="folder for the weights (default: runs/base)")
+    p.add_argument("--steps", type=_positive, help="flow training steps (default: as shipped)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "mnist"],
+        help="training data (mnist needs the 'mnist' extra)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_base)
     return parser
 
 

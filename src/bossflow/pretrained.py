@@ -21,11 +21,9 @@ Built-in names resolve to the package's ``assets/`` folder:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError
+from .io import atomic_write_bytes
 from .models.unet import DigitClassifier, DigitUNet
 
 __all__ = [
@@ -69,25 +68,6 @@ BUILTIN_MODELS: dict[str, str] = {
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def save_pretrained(
@@ -139,8 +119,8 @@ def save_pretrained(
     }
     text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     weights = directory / f"{name}.safetensors"
-    _atomic_write(weights, blob)
-    _atomic_write(directory / f"{name}.json", text.encode("utf-8"))
+    atomic_write_bytes(weights, blob)
+    atomic_write_bytes(directory / f"{name}.json", text.encode("utf-8"))
     return weights
 
 

@@ -29,6 +29,7 @@ from .field import (
     SpiralField,
     TorchCFMField,
 )
+from .pretrained import load_state_dict_strict
 
 __all__ = [
     "LoadedModel",
@@ -95,38 +96,10 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
     return state
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what does not match."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(
-                f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
-            )
-        if shapes:
-            parts.append(f"wrong shapes {shapes[:10]}")
-        raise CheckpointError(
-            f"checkpoint {source} does not match the model: "
-            + "; ".join(parts)
-            + ". Check that --model/--config describe the network the checkpoint was saved from."
-        )
-    module.load_state_dict(state, strict=True)
-
-
 def load_finetuned(model: LoadedModel, path: str | Path) -> LoadedModel:
     """Load a straightened ``model.safetensors`` strictly into ``model.field`` (in place)."""
     state = load_state_dict_file(path, map_location="cpu")
-    load_strict(model.field, state, str(path))
+    load_state_dict_strict(model.field, state, str(path))
     model.model_id += f"+{Path(path).name}"
     return model
 
@@ -232,7 +205,7 @@ def _load_callable(spec: str, checkpoint, convention, shape) -> LoadedModel:
     if not isinstance(network, nn.Module):
         raise ConfigError(f"--model {spec!r} must give an nn.Module, got {type(network).__name__}")
     if checkpoint is not None:
-        load_strict(network, load_state_dict_file(checkpoint), checkpoint)
+        load_state_dict_strict(network, load_state_dict_file(checkpoint), str(checkpoint))
     convention = convention or "bossflow"
     try:
         wrap = CONVENTIONS[convention]

@@ -36,8 +36,11 @@ from tqdm.auto import tqdm
 
 from .data import load_dataset
 from .errors import ConfigError
+from .metrics import feature_stats, frechet_from_stats
 from .models.unet import DigitClassifier, DigitUNet
 from .pretrained import save_pretrained
+from .schedule import uniform
+from .solvers import sample
 
 __all__ = [
     "TrainLog",
@@ -47,7 +50,6 @@ __all__ = [
     "train_classifier",
     "flow_validation_loss",
     "classifier_accuracy",
-    "euler_sample",
     "sample_check",
     "train_and_save",
 ]
@@ -319,50 +321,6 @@ def flow_validation_loss(
     return total / count
 
 
-@torch.no_grad()
-def euler_sample(
-    model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int = 200
-) -> Tensor:
-    """Integrate ``dx/dt = v(x, t)`` from ``t = 0`` (noise) to ``t = 1`` with uniform Euler steps.
-
-    A fine reference solve used to check the trained model; the library's general solvers (any
-    grid, callbacks, NFE counting) live in :mod:`bossflow.solvers`.
-
-    Args:
-        model: velocity field ``v(x, t)``, ``x: (B, ...)``, ``t: (B,)``.
-        noise: starting states at ``t = 0``, shape (B, ...).
-        steps: number of Euler steps (= function evaluations).
-
-    Returns:
-        States at ``t = 1``, shaped and typed like ``noise``.
-    """
-    x = noise
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    for i in range(steps):
-        t = torch.full((x.shape[0],), float(grid[i]), dtype=x.dtype, device=x.device)
-        x = x + float(grid[i + 1] - grid[i]) * model(x, t)
-    return x
-
-
-def _frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64.
-
-    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2})``.
-    """
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-
-    def sqrtm_psd(m: Tensor) -> Tensor:
-        vals, vecs = torch.linalg.eigh((m + m.T) / 2)
-        return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-
-    root_a = sqrtm_psd(cov_a)
-    cross = sqrtm_psd(root_a @ cov_b @ root_a)
-    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a + cov_b - 2 * cross)
-    return float(value)
-
-
 def _nearest_distance(x: Tensor, reference: Tensor) -> Tensor:
     """Per-image RMS pixel distance from each x (N, ...) to its nearest reference image (M, ...)."""
     d2 = torch.cdist(x.flatten(1).double(), reference.flatten(1).double()).pow(2)
@@ -382,7 +340,7 @@ def sample_check(
     """Quality checks of a flow model's fine-Euler samples against real held-out digits.
 
     Samples: ``num_samples`` noises from a generator seeded by ``seed``, integrated by
-    :func:`euler_sample` with ``steps`` steps. Each statistic is also computed on the held-out
+    :func:`bossflow.solvers.sample` with ``steps`` uniform Euler steps. Each statistic is also computed on the held-out
     images, the yardstick for what real unseen digits give:
 
     - ``mean_confidence`` / ``confident_fraction``: classifier max-softmax, mean and share > 0.9.
@@ -410,9 +368,9 @@ def sample_check(
     gen = torch.Generator().manual_seed(seed)
     device = train_images.device
     noise = torch.randn((num_samples, *train_images.shape[1:]), generator=gen).to(device)
-    samples = euler_sample(model, noise, steps)
+    samples = sample(model, noise, uniform(steps))
     subset = train_images[torch.randperm(train_images.shape[0], generator=gen)[:num_samples]]
-    heldout_features = classifier.features(heldout_images)
+    heldout_stats = feature_stats(classifier.features(heldout_images))
 
     def stats(images: Tensor, exclude_self: bool = False) -> dict[str, Any]:
         probs = classifier(images).softmax(dim=1)
@@ -431,7 +389,7 @@ def sample_check(
             "class_histogram": torch.bincount(predicted, minlength=10).tolist(),
             "nearest_train_rms": round(float(nearest.mean()), 4),
             "frechet_to_heldout": round(
-                _frechet_distance(classifier.features(images), heldout_features), 4
+                frechet_from_stats(*feature_stats(classifier.features(images)), *heldout_stats), 4
             ),
             "out_of_range_fraction": round(float((images.abs() > 1.1).float().mean()), 5),
         }

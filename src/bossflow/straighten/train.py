@@ -596,7 +596,9 @@ def straighten(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=config.iterations, initial=iteration, desc=f"straighten ({config.objective})"
+            total=config.iterations,
+            initial=iteration,
+            desc=f"straighten ({config.objective}{', LoRA' if config.lora_rank else ''})",
         )
     shown = None  # smoothed loss for the progress bar
     start_time = time.perf_counter()

@@ -1,0 +1,346 @@
+"""The end-to-end job: Bellman schedules -> pairs -> straightening -> evaluation -> report.
+
+:func:`run_demo` runs it on the embedded default (the shipped ``digits`` UNet); every stage writes
+its output under ``out`` as it goes and a rerun skips or resumes what is already there, so an
+interrupted demo loses at most one batch or one checkpoint interval.
+
+Noises never overlap between stages: sample ``m`` of a stage is ``NoiseSource(seed)`` at index
+``offset + m`` with a different offset per stage (schedules, straightening pairs, evaluation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bellman import bellman_schedules, cost_matrix
+from .field import NFECounter
+from .io import ensure_dir
+from .noise import NoiseSource
+from .schedule import Schedule, edm, uniform
+from .solvers import reference_solve, sample
+
+__all__ = ["DemoConfig", "run_demo", "OffsetNoise", "STAGE_OFFSETS", "evaluate_methods"]
+
+# Index offsets of each stage's noises in the run's NoiseSource: disjoint by construction.
+STAGE_OFFSETS = {"schedule": 0, "pairs": 10_000_000, "eval": 20_000_000}
+
+
+class OffsetNoise:
+    """``noise(range(a, b))`` = ``source(range(offset + a, offset + b))``."""
+
+    def __init__(self, source: NoiseSource, offset: int):
+        self.source, self.offset = source, int(offset)
+
+    def __call__(self, rows: Sequence[int] | range) -> Tensor:
+        return self.source([self.offset + int(r) for r in rows])
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo. The defaults are the full demo (about 10 minutes on 2 CPU cores).
+
+    Attributes:
+        seed: seeds every noise and every training run.
+        kmax: intervals N of the fine grid for the cost matrix and the pairs.
+        schedule_samples: noises M averaged in the cost matrix.
+        nfes: budgets evaluated with uniform, EDM and Bellman Euler.
+        straighten_nfes: budgets for which BOSS (full and LoRA) is trained.
+        pair_samples: training noises for straightening (a slice of them is held out).
+        iterations: fine-tuning iterations per run (BOSS, BOSS-LoRA and reflow alike).
+        batch_size: fine-tuning batch size.
+        lr: fine-tuning learning rate (full fine-tuning; LoRA uses ``lora_lr``).
+        lora_rank: LoRA rank.
+        lora_lr: LoRA learning rate (adapters start at zero and need a larger step).
+        eval_samples: held-out evaluation noises.
+        reference_steps: Euler steps of the reference solve.
+        batch: trajectories integrated at once in the schedule and pair stages.
+    """
+
+    seed: int = 0
+    kmax: int = 100
+    schedule_samples: int = 256
+    nfes: tuple[int, ...] = (2, 4, 6, 8)
+    straighten_nfes: tuple[int, ...] = (2, 4)
+    pair_samples: int = 1024
+    iterations: int = 400
+    batch_size: int = 64
+    lr: float = 2e-4
+    lora_rank: int = 4
+    lora_lr: float = 2e-3
+    eval_samples: int = 256
+    reference_steps: int = 1000
+    batch: int = 256
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A sub-minute version for tests and smoke runs (tiny sizes, same code path)."""
+        small = cls(
+            kmax=20,
+            schedule_samples=32,
+            nfes=(2, 4),
+            straighten_nfes=(2,),
+            pair_samples=96,
+            iterations=12,
+            batch_size=32,
+            eval_samples=64,
+            reference_steps=100,
+            batch=64,
+        )
+        return replace(small, **overrides)
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, progress: bool):
+    cost = cost_matrix(
+        model.field,
+        OffsetNoise(source, STAGE_OFFSETS["schedule"]),
+        grid=cfg.kmax,
+        batch_size=cfg.batch,
+        samples=cfg.schedule_samples,
+        cache=out / "cost_matrix.npz",
+        progress=progress,
+        meta={"model": model.model_id, "seed": cfg.seed, "kmax": cfg.kmax},
+    )
+    schedules = bellman_schedules(cost, sorted(set(cfg.nfes) | set(cfg.straighten_nfes)))
+    for k, s in schedules.items():
+        s.save(out / f"schedule_nfe{k}.json")
+    return cost, schedules
+
+
+def _straighten_stage(model, cfg, out, source, schedules, progress):
+    from .straighten import StraightenConfig, make_pairs, save_straightened, straighten
+
+    wanted = [schedules[k] for k in cfg.straighten_nfes]
+    pairs = make_pairs(
+        model.field,
+        OffsetNoise(source, STAGE_OFFSETS["pairs"]),
+        wanted,
+        out / "pairs",
+        fine_grid=cfg.kmax,
+        samples=cfg.pair_samples,
+        batch_size=cfg.batch,
+        progress=progress,
+        meta={"model": model.model_id, "seed": cfg.seed},
+    )
+    base = StraightenConfig(
+        iterations=cfg.iterations,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup=max(1, cfg.iterations // 20),
+        seed=cfg.seed,
+        eval_every=max(1, cfg.iterations // 10),
+        checkpoint_every=max(1, cfg.iterations // 4),
+        holdout=0.1,
+        select="best",
+    )
+    runs: dict[tuple[str, int], Any] = {}
+    for k in cfg.straighten_nfes:
+        for method, conf in (
+            ("boss", base),
+            ("boss-lora", replace(base, lora_rank=cfg.lora_rank, lr=cfg.lora_lr)),
+        ):
+            _log(progress, f"straightening: {method}, NFE {k}, {cfg.iterations} iterations")
+            result = straighten(
+                model.field, pairs, schedules[k], conf, out / f"{method}-nfe{k}", progress
+            )
+            save_straightened(result, out / f"{method}-nfe{k}" / "model.safetensors")
+            runs[(method, k)] = result
+    # Reflow does not depend on the budget: one run, the same iterations as each BOSS run.
+    _log(progress, f"straightening: reflow baseline, {cfg.iterations} iterations")
+    reflow = straighten(
+        model.field,
+        pairs,
+        schedules[cfg.straighten_nfes[0]],
+        replace(base, objective="reflow"),
+        out / "reflow",
+        progress,
+    )
+    save_straightened(reflow, out / "reflow" / "model.safetensors")
+    for k in cfg.straighten_nfes:
+        runs[("reflow", k)] = reflow
+    return pairs, runs
+
+
+def evaluate_methods(
+    methods: Sequence[tuple[str, int, nn.Module | Callable, Schedule, int | None]],
+    noise: Tensor,
+    reference: Tensor,
+    data: Tensor | None,
+    features: Callable[[Tensor], Tensor] | None,
+    progress: bool = False,
+) -> tuple[list, dict[tuple[str, int], Tensor]]:
+    """Sample every ``(method, nfe, field, schedule, iterations)`` from ``noise`` and score it.
+
+    Returns:
+        ``(records, samples)``: one :class:`~bossflow.metrics.EvalRecord` per entry, and the
+        samples keyed by ``(method, nfe)``. The NFE recorded is counted, not assumed.
+    """
+    from .metrics import evaluate_samples
+
+    records, outs = [], {}
+    for method, nfe, fld, schedule, iterations in methods:
+        counter = NFECounter(fld)
+        start = time.perf_counter()
+        x = sample(counter, noise, schedule)
+        wall = time.perf_counter() - start
+        if counter.nfe != nfe:
+            raise RuntimeError(f"{method}: counted {counter.nfe} evaluations, expected {nfe}")
+        records.append(
+            evaluate_samples(x, reference, data, features, method, counter.nfe, wall, iterations)
+        )
+        outs[(method, nfe)] = x
+        _log(progress, f"  {method:>10} NFE {nfe}: MSE {records[-1].mse_to_reference:.4g}")
+    return records, outs
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    config: DemoConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    model_spec: str = "digits",
+) -> Path:
+    """Run the whole method on the embedded default and write a report in ``out``.
+
+    Stages (each resumable): Bellman schedules for ``config.nfes`` -> straightening pairs ->
+    BOSS and BOSS-LoRA for ``config.straighten_nfes`` and a reflow baseline at the same iterations
+    -> evaluation of uniform / EDM / Bellman Euler, BOSS, BOSS-LoRA, reflow and a fine reference on
+    held-out noises -> ``report.md`` and ``results.json``.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    from .data import load_dataset
+    from .metrics import evaluate_samples
+    from .pretrained import load_digits_classifier
+    from .report import save_comparison_grid, write_report
+    from .spec import load_model
+
+    cfg = config or DemoConfig()
+    out = ensure_dir(out)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = load_model(model_spec, device=device)
+    source = NoiseSource(model.sample_shape, seed=cfg.seed, device=device)
+    timings: dict[str, float] = {}
+
+    _log(progress, f"[1/4] Bellman schedules (K_max={cfg.kmax}, {cfg.schedule_samples} noises)")
+    start = time.perf_counter()
+    cost, bellman = _schedule_stage(model, cfg, ensure_dir(out / "schedule"), source, progress)
+    timings["schedules"] = time.perf_counter() - start
+
+    _log(progress, f"[2/4] straightening pairs and fine-tuning (NFE {list(cfg.straighten_nfes)})")
+    start = time.perf_counter()
+    _, runs = _straighten_stage(
+        model, cfg, ensure_dir(out / "straighten"), source, bellman, progress
+    )
+    timings["straighten"] = time.perf_counter() - start
+
+    _log(progress, f"[3/4] evaluation on {cfg.eval_samples} held-out noises")
+    start = time.perf_counter()
+    noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(cfg.eval_samples))
+    ref_start = time.perf_counter()
+    reference = reference_solve(model.field, noise, steps=cfg.reference_steps)
+    ref_wall = time.perf_counter() - ref_start
+    data = load_dataset(model.dataset or "digits", "heldout")
+    classifier = load_digits_classifier(device=device)
+    with torch.no_grad():
+        accuracy = float(
+            (classifier(data.images.to(device)).argmax(1).cpu() == data.labels).float().mean()
+        )
+    heldout_images = data.images.to(device)
+
+    methods: list[tuple[str, int, Any, Schedule, int | None]] = []
+    for k in cfg.nfes:
+        methods += [
+            ("uniform", k, model.field, uniform(k), None),
+            ("edm", k, model.field, edm(k), None),
+            ("bellman", k, model.field, bellman[k], None),
+        ]
+    for k in cfg.straighten_nfes:
+        methods += [
+            ("boss", k, runs[("boss", k)].module, bellman[k], runs[("boss", k)].best_iteration),
+            (
+                "boss-lora",
+                k,
+                runs[("boss-lora", k)].module,
+                bellman[k],
+                runs[("boss-lora", k)].best_iteration,
+            ),
+            ("reflow", k, runs[("reflow", k)].module, uniform(k), runs[("reflow", k)].iterations),
+        ]
+    features = classifier.features
+    records, samples = evaluate_methods(
+        methods, noise, reference, heldout_images, features, progress
+    )
+    # The reference's own row: zero error by definition, and its Fréchet distance to the data.
+    records.append(
+        evaluate_samples(
+            reference,
+            reference,
+            heldout_images,
+            features,
+            "reference",
+            cfg.reference_steps,
+            ref_wall,
+        )
+    )
+    timings["evaluation"] = time.perf_counter() - start
+
+    _log(progress, "[4/4] report")
+    grid_nfe = cfg.straighten_nfes[0]
+    rows = {
+        f"{m} ({grid_nfe} NFE)": samples[(m, grid_nfe)][:16].cpu()
+        for m in ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow")
+    }
+    rows[f"reference ({cfg.reference_steps} steps)"] = reference[:16].cpu()
+    for k in cfg.straighten_nfes[1:]:
+        save_comparison_grid(
+            {
+                f"{m} ({k} NFE)": samples[(m, k)][:16].cpu()
+                for m in ("uniform", "bellman", "boss", "boss-lora", "reflow")
+            }
+            | {"reference": reference[:16].cpu()},
+            out / f"samples_nfe{k}.png",
+        )
+    plotted = {f"uniform ({k})": uniform(k) for k in cfg.straighten_nfes}
+    plotted |= {f"edm ({k})": edm(k) for k in cfg.straighten_nfes}
+    plotted |= {f"bellman ({k})": bellman[k] for k in cfg.nfes}
+    timings["total"] = time.perf_counter() - t0
+    extra = {
+        "model": model.model_id,
+        "config": asdict(cfg),
+        "device": str(device),
+        "torch": torch.__version__,
+        "classifier_heldout_accuracy": accuracy,
+        "heldout_images": int(data.images.shape[0]),
+        "cost_matrix_samples": cost.count,
+        "timings_s": timings,
+        "schedules": {str(k): s.tolist() for k, s in bellman.items()},
+        "straightening": {
+            f"{m}-nfe{k}": {
+                "iterations": r.iterations,
+                "best_iteration": r.best_iteration,
+                "wall_s": r.wall_s,
+                "trainable_parameters": r.trainable_parameters,
+                "history": r.history,
+            }
+            for (m, k), r in runs.items()
+        },
+    }
+    report = write_report(
+        out, records, schedules=plotted, samples=rows, extra=extra, title="bossflow demo: digits"
+    )
+    _log(progress, f"done in {timings['total']:.0f} s: {report}")
+    return report

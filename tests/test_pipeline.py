@@ -1,0 +1,192 @@
+"""The end-to-end demo and the CLI commands over it (sample, evaluate, straighten), on digits."""
+
+import json
+
+import pytest
+import torch
+
+from bossflow.cli import main
+from bossflow.metrics import METHODS
+from bossflow.pipeline import DemoConfig, run_demo
+
+REQUIRED = {"method", "nfe", "mse_to_reference", "psnr", "frechet", "wall_s", "iterations"}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def test_quick_demo_writes_a_valid_report(quick_demo):
+    results = json.loads((quick_demo / "results.json").read_text())
+    records = results["records"]
+    assert all(set(r) >= REQUIRED for r in records)
+    cfg = DemoConfig.quick()
+    seen = {(r["method"], r["nfe"]) for r in records}
+    for k in cfg.nfes:
+        assert {("uniform", k), ("edm", k), ("bellman", k)} <= seen
+    for k in cfg.straighten_nfes:
+        assert {("boss", k), ("boss-lora", k), ("reflow", k)} <= seen
+    assert ("reference", cfg.reference_steps) in seen
+    assert {r["method"] for r in records} <= set(METHODS)
+    for r in records:
+        if r["method"] == "reference":
+            assert r["mse_to_reference"] == 0
+        else:
+            assert r["mse_to_reference"] > 0 and r["wall_s"] > 0
+        if r["method"] in ("boss", "boss-lora", "reflow"):
+            assert r["iterations"] is not None
+    for name in ("report.md", "samples.png", "schedules.png", "error_vs_nfe.png"):
+        assert (quick_demo / name).stat().st_size > 0
+    # more steps of the same schedule family get closer to the reference
+    mse = {(r["method"], r["nfe"]): r["mse_to_reference"] for r in records}
+    assert mse[("uniform", 4)] < mse[("uniform", 2)]
+    assert mse[("bellman", 4)] < mse[("bellman", 2)]
+
+
+def test_demo_rerun_resumes_instead_of_recomputing(quick_demo, capsys):
+    before = (quick_demo / "straighten" / "boss-nfe2" / "checkpoint.pt").stat().st_mtime_ns
+    run_demo(quick_demo, DemoConfig.quick(), progress=False)
+    after = (quick_demo / "straighten" / "boss-nfe2" / "checkpoint.pt").stat().st_mtime_ns
+    assert before == after  # finished training is not redone
+
+
+def test_cli_sample_evaluate_straighten_on_digits(quick_demo, tmp_path, capsys):
+    schedule = quick_demo / "schedule" / "schedule_nfe2.json"
+    png = tmp_path / "s.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--schedule",
+                str(schedule),
+                "--n",
+                "8",
+                "--out",
+                str(png),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert png.stat().st_size > 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--schedule",
+                str(schedule),
+                "--nfe",
+                "2",
+                "--spacing",
+                "uniform",
+                "--samples",
+                "16",
+                "--reference-steps",
+                "50",
+                "--out",
+                str(tmp_path / "ev"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    records = json.loads((tmp_path / "ev" / "results.json").read_text())["records"]
+    assert {r["method"] for r in records} == {"bellman", "uniform"}
+    assert all(r["frechet"] is not None for r in records)
+    out = tmp_path / "st"
+    assert (
+        main(
+            [
+                "straighten",
+                "--schedule",
+                str(schedule),
+                "--pairs",
+                "24",
+                "--kmax",
+                "20",
+                "--iterations",
+                "4",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    weights = out / "model.safetensors"
+    assert weights.exists() and (out / "model.json").exists()
+    assert (
+        main(
+            [
+                "sample",
+                "--schedule",
+                str(schedule),
+                "--finetuned",
+                str(weights),
+                "--n",
+                "4",
+                "--out",
+                str(tmp_path / "f.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    # pairs made for another schedule are refused with a clear message
+    other = quick_demo / "schedule" / "schedule_nfe4.json"
+    assert (
+        main(
+            [
+                "straighten",
+                "--schedule",
+                str(other),
+                "--pairs",
+                "24",
+                "--kmax",
+                "20",
+                "--iterations",
+                "4",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert "another schedule" in capsys.readouterr().err
+
+
+def test_finetuned_file_that_does_not_match_is_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"bogus": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    assert (
+        main(
+            [
+                "sample",
+                "--nfe",
+                "2",
+                "--finetuned",
+                str(tmp_path / "bad.safetensors"),
+                "--out",
+                str(tmp_path / "x.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "bogus" in err and "missing keys" in err
