@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--kmax", type=int, default=100)
     parser.add_argument("--shape", default="3,32,32")
-    parser.add_argument("--unet-samples", type=int, default=64)
+    parser.add_argument("--unet-samples", type=int, default=64, help="0 skips part 2")
     parser.add_argument("--unet-kmax", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
@@ -117,6 +117,8 @@ def main() -> None:
         e_all, e_band = errs(c)
         print(f"| {name} | {t:.3f} | {t_naive / t:.1f}x | {e_all:.1e} | {e_band:.1e} |")
 
+    if args.unet_samples < 1:
+        return
     # Part 2: overhead of the accumulation over the network evaluations.
     net = small_unet(shape[0]).eval()
     params = sum(p.numel() for p in net.parameters())

@@ -243,3 +243,14 @@ def test_output_path_that_is_a_file(tmp_path):
     with pytest.raises(BossflowError, match="could not write"):
         save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "dir.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "taken"]
+
+
+def test_text_grid_maps_dark_to_space_and_bright_to_at():
+    from bossflow.report import text_grid
+
+    images = torch.stack([torch.full((1, 2, 3), -1.0), torch.full((1, 2, 3), 1.0)])
+    text = text_grid({"row": images})
+    lines = text.splitlines()
+    assert lines[0] == "row"
+    assert lines[1] == " " * 6 + "  " + "@" * 6
+    assert lines[2] == lines[1] and len(lines) == 3  # two pixel rows, then the trailing blank

@@ -9,6 +9,8 @@ Typical use::
     cost = bossflow.cost_matrix(field, noise, grid=100)          # paper eq. 5
     schedules = bossflow.bellman_schedules(cost, [2, 4, 8])      # paper eq. 8
     x = bossflow.sample(field, noise, schedules[4])              # 4 Euler steps
+    pairs = bossflow.make_pairs(field, noise, [schedules[4]], "pairs/")
+    result = bossflow.straighten(field, pairs, schedules[4])     # paper eq. 9
 """
 
 from .bellman import CostMatrix, bellman_schedules, cost_matrix
@@ -17,6 +19,7 @@ from .field import NFECounter, VelocityField
 from .noise import NoiseSource
 from .schedule import Schedule, edm, quadratic, uniform
 from .solvers import reference_solve, sample
+from .straighten import PairStore, StraightenConfig, make_pairs, straighten
 
 __version__ = "0.1.0"
 
@@ -25,14 +28,18 @@ __all__ = [
     "CostMatrix",
     "NFECounter",
     "NoiseSource",
+    "PairStore",
     "Schedule",
+    "StraightenConfig",
     "VelocityField",
     "bellman_schedules",
     "cost_matrix",
     "edm",
+    "make_pairs",
     "quadratic",
     "reference_solve",
     "sample",
+    "straighten",
     "uniform",
     "__version__",
 ]

@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import state_dict_problems
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write_bytes
 from .models.unet import DigitClassifier, DigitUNet
@@ -197,21 +198,7 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], label: s
     Raises:
         CheckpointError: naming every missing, unexpected and wrongly shaped key.
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"wrong shapes: {', '.join(mismatched)}")
+    problems = state_dict_problems(module.state_dict(), state)
     if problems:
         where = f"{label}: " if label else ""
         raise CheckpointError(

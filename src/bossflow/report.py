@@ -30,6 +30,7 @@ from .metrics import METHODS, EvalRecord
 from .schedule import Schedule
 
 __all__ = [
+    "text_grid",
     "save_grid",
     "save_comparison_grid",
     "plot_schedules",
@@ -50,6 +51,38 @@ _METRIC_LABELS = {
 
 
 # -- image grids --------------------------------------------------------------------------------
+_SHADES = " .:-=+*#%@"
+
+
+def text_grid(
+    rows: Mapping[str, Tensor],
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    max_images: int = 8,
+) -> str:
+    """Grey-scale images as text, one row of images per entry, for terminals and markdown.
+
+    Each pixel becomes two characters from ``" .:-=+*#%@"`` (dark to bright), so small images
+    such as 8x8 digits stay readable without a picture. Colour images are averaged to grey.
+
+    Args:
+        rows: label -> (B, C, H, W) images; the first ``max_images`` of each are drawn.
+        value_range: the pixel values drawn darkest and brightest.
+        max_images: images per row.
+
+    Returns:
+        The text, one label line above each row of images.
+    """
+    lines: list[str] = []
+    for label, images in rows.items():
+        pixels = _to_uint8(images[:max_images], value_range).astype(np.float64).mean(-1)
+        idx = np.minimum((pixels / 256.0 * len(_SHADES)).astype(int), len(_SHADES) - 1)
+        lines.append(label)
+        for y in range(idx.shape[1]):
+            lines.append("  ".join("".join(2 * _SHADES[v] for v in img[y]) for img in idx).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _to_uint8(images: Tensor, value_range: tuple[float, float]) -> np.ndarray:
     """(B, C, H, W) tensor -> (B, H, W, C) uint8, ``lo -> 0`` and ``hi -> 255`` (clamped)."""
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoint import listing, shape_of, state_dict_problems
 from ..errors import CheckpointError, ConfigError
 from ..field import RectifiedFlowField
 from .ncsnpp import NCSNpp, NCSNppConfig
@@ -310,34 +311,12 @@ def _read_file(path: Path) -> Any:
         ) from err
 
 
-def _shape(value: Any) -> str:
-    return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
-
-
-def _listing(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return f"{shown}, ... ({len(items) - limit} more)" if len(items) > limit else shown
-
-
 def _check_state(
     state: Mapping[str, Any], expected: Mapping[str, Tensor], where: str, prefix: str
 ) -> None:
     """Raise CheckpointError naming every missing, unexpected or wrongly shaped key."""
-    missing = [prefix + k for k in expected if k not in state]
-    unexpected = [prefix + k for k in state if k not in expected]
-    wrong = [
-        f"{prefix}{k} {_shape(state[k])} (network: {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and (not isinstance(state[k], Tensor) or state[k].shape != v.shape)
-    ]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_listing(unexpected)}")
-        if wrong:
-            problems.append(f"wrong shapes: {_listing(wrong)}")
+    problems = state_dict_problems(expected, state, prefix)
+    if problems:
         raise CheckpointError(
             f"{where} does not match the network: " + "; ".join(problems) + ". Check that the "
             "config matches the checkpoint (built-in configs: " + ", ".join(RF_CONFIGS) + ")."
@@ -364,7 +343,7 @@ def _select_weights(
         raise CheckpointError(
             f"{source} is not a Rectified Flow checkpoint: expected a dict with 'model' and 'ema' "
             f"entries (as saved by the original training code) or a bare state_dict; found keys "
-            f"{_listing([str(k) for k in ckpt])}."
+            f"{listing([str(k) for k in ckpt])}."
         )
 
     prefix = "module." if raw and all(str(k).startswith("module.") for k in raw) else ""
@@ -386,13 +365,13 @@ def _select_weights(
             f"{len(trainable)} trainable parameters; the checkpoint does not match the config."
         )
     wrong = [
-        f"shadow_params[{i}] -> {prefix}{name} {_shape(t)} (network: {tuple(expected[name].shape)})"
+        f"shadow_params[{i}] -> {prefix}{name} {shape_of(t)} (network: {tuple(expected[name].shape)})"
         for i, (name, t) in enumerate(zip(trainable, shadow))
         if not isinstance(t, Tensor) or t.shape != expected[name].shape
     ]
     if wrong:
         raise CheckpointError(
-            f"{source}['ema'] does not match the network: wrong shapes: {_listing(wrong)}"
+            f"{source}['ema'] does not match the network: wrong shapes: {listing(wrong)}"
         )
     # Buffers (sigmas) and frozen parameters (Fourier W) are not in the shadow list: keep 'model'.
     state.update(zip(trainable, shadow))
