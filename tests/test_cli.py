@@ -234,3 +234,40 @@ def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
         == 0
     )
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
+    out = tmp_path / "base"
+    assert (
+        run(
+            "train-base",
+            "--steps",
+            "3",
+            "--classifier-steps",
+            "3",
+            "--check-samples",
+            "4",
+            "--out",
+            out,
+            "--quiet",
+        )
+        == 0
+    )
+    meta = json.loads((out / "digits.json").read_text())
+    assert meta["class"] == "DigitUNet" and meta["provenance"]["settings"]["steps"] == 3
+    assert (
+        run(
+            "sample",
+            "--checkpoint",
+            out / "digits.safetensors",
+            "--nfe",
+            "2",
+            "--n",
+            "2",
+            "--out",
+            tmp_path / "s.png",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )

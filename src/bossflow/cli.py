@@ -293,7 +293,16 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 
     out = ensure_dir(args.out)
     flow = {"steps": args.steps} if args.steps else {}
-    train_and_save(out, dataset=args.dataset, seed=args.seed, flow=flow, progress=not args.quiet)
+    classifier = {"steps": args.classifier_steps} if args.classifier_steps else {}
+    train_and_save(
+        out,
+        dataset=args.dataset,
+        seed=args.seed,
+        flow=flow,
+        classifier=classifier,
+        check_samples=args.check_samples,
+        progress=not args.quiet,
+    )
     print(
         f"wrote the model and classifier to {out}; use them with --model digits --checkpoint "
         f"{out}/{args.dataset}.safetensors"
@@ -484,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/base", help="folder for the weights (default: runs/base)")
     p.add_argument("--steps", type=_positive, help="flow training steps (default: as shipped)")
+    p.add_argument(
+        "--classifier-steps", type=_positive, help="classifier training steps (default: as shipped)"
+    )
+    p.add_argument(
+        "--check-samples",
+        type=_positive,
+        default=500,
+        help="samples drawn to check the trained flow (default: 500)",
+    )
     p.add_argument(
         "--dataset",
         default="digits",
