@@ -11,32 +11,18 @@ from bossflow import Schedule
 from bossflow.bellman import CostMatrix
 from bossflow.cli import main
 
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rectified_flow"
 
-def run(*args):
-    return main([str(a) for a in args])
+
+def run(command: str, *more) -> int:
+    """``main`` on ``command`` split at spaces, then ``more`` (paths, values) as strings."""
+    return main(command.split() + [str(a) for a in more])
 
 
 def test_schedule_writes_matrix_and_schedules(tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        run(
-            "schedule",
-            "--model",
-            "spiral",
-            "--nfe",
-            "2,3",
-            "--kmax",
-            "12",
-            "--samples",
-            "10",
-            "--batch-size",
-            "4",
-            "--out",
-            out,
-            "--quiet",
-        )
-        == 0
-    )
+    spiral = "schedule --model spiral --nfe 2,3 --kmax 12 --samples 10 --quiet"
+    assert run(f"{spiral} --batch-size 4 --out", out) == 0
     printed = capsys.readouterr().out
     assert "NFE" in printed and "0.000" in printed
     cost = CostMatrix.load(out / "cost_matrix.npz")
@@ -45,42 +31,14 @@ def test_schedule_writes_matrix_and_schedules(tmp_path, capsys):
         s = Schedule.load(out / f"schedule_nfe{k}.json")
         assert s.steps == k and s.method == "bellman"
         assert s.provenance["model"] == "spiral" and s.provenance["samples"] == 10
-    # the same run with another batch size reuses the finished cache and gives the same schedules
+    # another batch size gives the same matrix: sample m's noise depends only on (seed, m)
     again = tmp_path / "again"
-    run(
-        "schedule",
-        "--model",
-        "spiral",
-        "--nfe",
-        "2,3",
-        "--kmax",
-        "12",
-        "--samples",
-        "10",
-        "--batch-size",
-        "10",
-        "--out",
-        again,
-        "--quiet",
-    )
+    assert run(f"{spiral} --batch-size 10 --out", again) == 0
     np.testing.assert_allclose(
         CostMatrix.load(again / "cost_matrix.npz").values, cost.values, rtol=1e-12
     )
     # asking for more samples resumes from the 10 already counted
-    run(
-        "schedule",
-        "--model",
-        "spiral",
-        "--nfe",
-        "2",
-        "--kmax",
-        "12",
-        "--samples",
-        "14",
-        "--out",
-        out,
-        "--quiet",
-    )
+    assert run("schedule --model spiral --nfe 2 --kmax 12 --samples 14 --quiet --out", out) == 0
     assert CostMatrix.load(out / "cost_matrix.npz").count == 14
 
 
@@ -97,65 +55,30 @@ def test_schedule_on_user_module_with_checkpoint(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     import mymodel
-
-    net = mymodel.Net()
     from safetensors.torch import save_file
 
-    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    assert (
-        run(
-            "schedule",
-            "--model",
-            "mymodel:Net",
-            "--checkpoint",
-            tmp_path / "w.safetensors",
-            "--nfe",
-            "2",
-            "--kmax",
-            "8",
-            "--samples",
-            "4",
-            "--out",
-            tmp_path / "o",
-            "--quiet",
-            "--device",
-            "cpu",
-        )
-        == 0
-    )
+    save_file(mymodel.Net().state_dict(), str(tmp_path / "w.safetensors"))
+    user = "schedule --model mymodel:Net --quiet --device cpu --nfe 2 --kmax 8 --samples 4"
+    assert run(f"{user} --out", tmp_path / "o", "--checkpoint", tmp_path / "w.safetensors") == 0
     # a checkpoint with another shape names the key
-    save_file(
-        {"lin.weight": torch.zeros(3, 5), "lin.bias": torch.zeros(4)},
-        str(tmp_path / "bad.safetensors"),
-    )
-    assert (
-        run(
-            "schedule",
-            "--model",
-            "mymodel:Net",
-            "--checkpoint",
-            tmp_path / "bad.safetensors",
-            "--out",
-            tmp_path / "o2",
-            "--quiet",
-        )
-        == 2
-    )
+    bad = {"lin.weight": torch.zeros(3, 5), "lin.bias": torch.zeros(4)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    assert run(f"{user} --out", tmp_path / "o2", "--checkpoint", tmp_path / "bad.safetensors") == 2
     assert "lin.weight" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "nope"], "unknown model 'nope'"),
-        (["--model", "no_such_module:f"], "cannot import"),
-        (["--model", "spiral", "--nfe", "30", "--kmax", "20"], "raise --kmax"),
-        (["--model", "spiral", "--checkpoint", "x.pt"], "no weights"),
-        (["--model", "rectified-flow:cifar10"], "--checkpoint"),
+        ("--model nope", "unknown model 'nope'"),
+        ("--model no_such_module:f", "cannot import"),
+        ("--model spiral --nfe 30 --kmax 20", "raise --kmax"),
+        ("--model spiral --checkpoint x.pt", "no weights"),
+        ("--model rectified-flow:cifar10", "--checkpoint"),
     ],
 )
 def test_schedule_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
-    assert run("schedule", *args, "--out", tmp_path / "o", "--quiet") == 2
+    assert run(f"schedule {args} --quiet --out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -163,111 +86,49 @@ def test_schedule_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
 def test_output_folder_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert run("schedule", "--model", "spiral", "--out", f, "--quiet") == 2
+    assert run("schedule --model spiral --quiet --out", f) == 2
     assert "not a directory" in capsys.readouterr().err
 
 
 def test_console_script_help_explains_options():
-    out = subprocess.run(
-        [sys.executable, "-m", "bossflow.cli", "schedule", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for option in (
-        "--nfe",
-        "--kmax",
-        "--samples",
-        "--batch-size",
-        "--seed",
-        "--out",
-        "--checkpoint",
-        "--convention",
-    ):
+    command = [sys.executable, "-m", "bossflow.cli", "schedule", "--help"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    options = ("--nfe", "--kmax", "--samples", "--batch-size", "--seed", "--out", "--checkpoint")
+    for option in (*options, "--convention"):
         assert option in out
-
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rectified_flow"
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/fixtures/rectified_flow is not present")
 def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
     config = json.loads((FIXTURES / "tiny_cifar_like.json").read_text())["config"]
     (tmp_path / "tiny.json").write_text(json.dumps(config))
-    model = [
-        "--model",
-        f"rectified-flow:{tmp_path / 'tiny.json'}",
-        "--checkpoint",
-        FIXTURES / "tiny_cifar_like_checkpoint.pth",
-        "--device",
-        "cpu",
-    ]
-    assert (
-        run(
-            "schedule",
-            *model,
-            "--nfe",
-            "2",
-            "--kmax",
-            "6",
-            "--samples",
-            "2",
-            "--out",
-            tmp_path / "s",
-            "--quiet",
-        )
-        == 0
-    )
-    s = Schedule.load(tmp_path / "s" / "schedule_nfe2.json")
+    spec = f"--model rectified-flow:{tmp_path / 'tiny.json'} --device cpu"
+    weights = ("--checkpoint", FIXTURES / "tiny_cifar_like_checkpoint.pth")
+    out = tmp_path / "s"
+    assert run(f"schedule {spec} --nfe 2 --kmax 6 --samples 2 --quiet --out", out, *weights) == 0
+    s = Schedule.load(out / "schedule_nfe2.json")
     assert "tiny_cifar_like_checkpoint.pth" in s.provenance["model"]
+    png = tmp_path / "x.png"
     assert (
-        run(
-            "sample",
-            *model,
-            "--schedule",
-            tmp_path / "s" / "schedule_nfe2.json",
-            "--n",
-            "2",
-            "--out",
-            tmp_path / "x.png",
-        )
+        run(f"sample {spec} --n 2 --out", png, "--schedule", out / "schedule_nfe2.json", *weights)
         == 0
     )
-    assert (tmp_path / "x.png").stat().st_size > 0
+    assert png.stat().st_size > 0
 
 
 def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
     out = tmp_path / "base"
     assert (
-        run(
-            "train-base",
-            "--steps",
-            "3",
-            "--classifier-steps",
-            "3",
-            "--check-samples",
-            "4",
-            "--out",
-            out,
-            "--quiet",
-        )
-        == 0
+        run("train-base --steps 3 --classifier-steps 3 --check-samples 4 --quiet --out", out) == 0
     )
     meta = json.loads((out / "digits.json").read_text())
     assert meta["class"] == "DigitUNet" and meta["provenance"]["settings"]["steps"] == 3
     assert (
         run(
-            "sample",
+            "sample --nfe 2 --n 2 --device cpu --out",
+            tmp_path / "s.png",
             "--checkpoint",
             out / "digits.safetensors",
-            "--nfe",
-            "2",
-            "--n",
-            "2",
-            "--out",
-            tmp_path / "s.png",
-            "--device",
-            "cpu",
         )
         == 0
     )

@@ -53,140 +53,42 @@ def test_demo_rerun_resumes_instead_of_recomputing(quick_demo, capsys):
     assert before == after  # finished training is not redone
 
 
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
 def test_cli_sample_evaluate_straighten_on_digits(quick_demo, tmp_path, capsys):
     schedule = quick_demo / "schedule" / "schedule_nfe2.json"
+    cpu = ("--device", "cpu")
     png = tmp_path / "s.png"
-    assert (
-        main(
-            [
-                "sample",
-                "--schedule",
-                str(schedule),
-                "--n",
-                "8",
-                "--out",
-                str(png),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert run("sample", "--schedule", schedule, "--n", 8, "--out", png, *cpu) == 0
     assert png.stat().st_size > 0
-    assert (
-        main(
-            [
-                "evaluate",
-                "--schedule",
-                str(schedule),
-                "--nfe",
-                "2",
-                "--spacing",
-                "uniform",
-                "--samples",
-                "16",
-                "--reference-steps",
-                "50",
-                "--out",
-                str(tmp_path / "ev"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
-    records = json.loads((tmp_path / "ev" / "results.json").read_text())["records"]
+    ev = tmp_path / "ev"
+    grids = ("--schedule", schedule, "--nfe", 2, "--spacing", "uniform")
+    sizes = ("--samples", 16, "--reference-steps", 50)
+    assert run("evaluate", *grids, *sizes, "--out", ev, *cpu) == 0
+    records = json.loads((ev / "results.json").read_text())["records"]
     assert {r["method"] for r in records} == {"bellman", "uniform"}
     assert all(r["frechet"] is not None for r in records)
     out = tmp_path / "st"
-    assert (
-        main(
-            [
-                "straighten",
-                "--schedule",
-                str(schedule),
-                "--pairs",
-                "24",
-                "--kmax",
-                "20",
-                "--iterations",
-                "4",
-                "--batch-size",
-                "8",
-                "--out",
-                str(out),
-                "--quiet",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    train = ("--pairs", 24, "--kmax", 20, "--iterations", 4, "--batch-size", 8, "--out", out)
+    assert run("straighten", "--schedule", schedule, *train, "--quiet", *cpu) == 0
     weights = out / "model.safetensors"
     assert weights.exists() and (out / "model.json").exists()
-    assert (
-        main(
-            [
-                "sample",
-                "--schedule",
-                str(schedule),
-                "--finetuned",
-                str(weights),
-                "--n",
-                "4",
-                "--out",
-                str(tmp_path / "f.png"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    tuned = ("--schedule", schedule, "--finetuned", weights, "--n", 4)
+    assert run("sample", *tuned, "--out", tmp_path / "f.png", *cpu) == 0
     # pairs made for another schedule are refused with a clear message
     other = quick_demo / "schedule" / "schedule_nfe4.json"
-    assert (
-        main(
-            [
-                "straighten",
-                "--schedule",
-                str(other),
-                "--pairs",
-                "24",
-                "--kmax",
-                "20",
-                "--iterations",
-                "4",
-                "--out",
-                str(out),
-                "--quiet",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 2
-    )
+    assert run("straighten", "--schedule", other, *train, "--quiet", *cpu) == 2
     assert "another schedule" in capsys.readouterr().err
 
 
 def test_finetuned_file_that_does_not_match_is_refused(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    save_file({"bogus": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
-    assert (
-        main(
-            [
-                "sample",
-                "--nfe",
-                "2",
-                "--finetuned",
-                str(tmp_path / "bad.safetensors"),
-                "--out",
-                str(tmp_path / "x.png"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 2
-    )
+    bad = tmp_path / "bad.safetensors"
+    save_file({"bogus": torch.zeros(2)}, str(bad))
+    args = ("--nfe", 2, "--finetuned", bad, "--out", tmp_path / "x.png", "--device", "cpu")
+    assert run("sample", *args) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and "missing keys" in err
