@@ -114,6 +114,17 @@ def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
         == 0
     )
     assert png.stat().st_size > 0
+    # straighten (LoRA) and evaluate the fine-tuned network, all from the released layout
+    tuned = tmp_path / "st"
+    schedule = ("--schedule", out / "schedule_nfe2.json")
+    train = "--pairs 8 --iterations 2 --batch-size 4 --lora-rank 4 --quiet"
+    assert run(f"straighten {spec} {train} --out", tuned, *schedule, *weights) == 0
+    finetuned = ("--finetuned", tuned / "model.safetensors", "--method", "boss-lora")
+    ev = tmp_path / "ev"
+    evaluate = f"evaluate {spec} --samples 2 --reference-steps 4 --out"
+    assert run(evaluate, ev, *schedule, *weights, *finetuned) == 0
+    records = json.loads((ev / "results.json").read_text())["records"]
+    assert [(r["method"], r["nfe"]) for r in records] == [("boss-lora", 2)]
 
 
 def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
