@@ -200,3 +200,22 @@ def test_evaluate_samples_ties_metrics_together():
     assert evaluate_samples(samples, ref, None, None, "boss", 4, 0.5, 100).frechet is None
     with pytest.raises(ConfigError, match="unknown method"):
         evaluate_samples(samples, ref, None, None, "magic", 4, 0.5)
+
+
+def test_auto_backend_prefers_torchmetrics_and_falls_back(monkeypatch):
+    import builtins
+
+    from bossflow.metrics import frechet_backend
+
+    pytest.importorskip("torchmetrics")
+    assert frechet_backend() == "torchmetrics"
+    real_import = builtins.__import__
+
+    def no_torchmetrics(name, *args, **kwargs):
+        if name.startswith("torchmetrics"):
+            raise ImportError("torchmetrics hidden for this test")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchmetrics)
+    assert frechet_backend("auto") == "float64"
+    assert frechet_backend("float64") == "float64"

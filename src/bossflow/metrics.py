@@ -29,6 +29,8 @@ from .solvers import sample
 
 __all__ = [
     "METHODS",
+    "FRECHET_BACKENDS",
+    "frechet_backend",
     "EvalRecord",
     "mse_to_reference",
     "psnr",
@@ -43,7 +45,21 @@ __all__ = [
 METHODS: tuple[str, ...] = ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow", "reference")
 
 #: Fréchet backends accepted by :func:`frechet_distance`.
-FRECHET_BACKENDS: tuple[str, ...] = ("float64", "torchmetrics")
+FRECHET_BACKENDS: tuple[str, ...] = ("auto", "torchmetrics", "float64")
+
+
+def frechet_backend(backend: str = "auto") -> str:
+    """The backend ``backend`` stands for: ``"auto"`` is torchmetrics where it imports, else float64."""
+    if backend not in FRECHET_BACKENDS:
+        raise ConfigError(f"unknown Fréchet backend {backend!r}; choose one of {FRECHET_BACKENDS}")
+    if backend != "auto":
+        return backend
+    try:
+        import torchmetrics.image.fid  # noqa: F401
+    except ImportError:
+        return "float64"
+    return "torchmetrics"
+
 
 Features = nn.Module | Callable[[Tensor], Tensor]
 
@@ -248,7 +264,7 @@ def frechet_distance(
     features: Features | None = None,
     *,
     batch_size: int = 256,
-    backend: str = "float64",
+    backend: str = "auto",
 ) -> float:
     """Fréchet distance between generated samples and held-out data in a feature space.
 
@@ -259,19 +275,17 @@ def frechet_distance(
     Values are comparable only within one feature space and similar set sizes (the estimate is
     biased upwards for small sets).
 
-    Backends:
+    Backends (both are tested to agree to 1e-6 relative):
 
-    - ``"float64"`` (default): :func:`feature_stats` and :func:`frechet_from_stats`, centred
-      covariances and a symmetric eigendecomposition in float64; needs only numpy.
-    - ``"torchmetrics"``: ``torchmetrics.image.fid.FrechetInceptionDistance(feature=<module>)``
-      (extra ``metrics``) fed the same features through an identity module, for cross-checking its
-      statistics and distance. It works here without torch-fidelity once that module carries
-      ``num_features`` (otherwise torchmetrics probes it with a 299x299 uint8 image). It is
-      not the default because (1) torchmetrics is an optional extra, so the float64 path must exist
-      anyway and a report's numbers must not depend on what happens to be installed; (2) it takes
-      seconds to import; (3) it takes ``sqrt`` of the complex eigenvalues of the non-symmetric
-      ``S_s S_r`` and forms covariances from raw second moments, both less robust on the
-      rank-deficient covariances of small image sets. The tests check that both agree.
+    - ``"torchmetrics"``: ``torchmetrics.image.fid.FrechetInceptionDistance(feature=<module>)``, the
+      maintained implementation (extra ``metrics``), fed the extracted features through an identity
+      module that carries ``num_features`` (so torchmetrics does not probe it with a 299x299
+      image; torch-fidelity is not needed).
+    - ``"float64"``: :func:`feature_stats` and :func:`frechet_from_stats`, centred covariances and a
+      symmetric eigendecomposition in float64, numpy only: the fallback where torchmetrics is not
+      installed, and slightly more robust on rank-deficient covariances (torchmetrics takes the
+      square root of the complex eigenvalues of the non-symmetric ``S_s S_r``).
+    - ``"auto"`` (default): torchmetrics where it imports, else float64 (:func:`frechet_backend`).
 
     Args:
         samples: (N, C, H, W) generated images in [-1, 1] (any (N, ...) the features accept), N >= 2.
@@ -279,13 +293,12 @@ def frechet_distance(
         features: ``nn.Module`` or callable mapping (B, ...) images to (B, d) features (larger
             outputs are flattened); ``None`` uses the flattened pixels. Put modules in eval mode.
         batch_size: images per call to ``features``.
-        backend: ``"float64"`` or ``"torchmetrics"``.
+        backend: ``"auto"``, ``"torchmetrics"`` or ``"float64"``.
 
     Returns:
         The squared Fréchet distance (the number FID reports), as a float.
     """
-    if backend not in FRECHET_BACKENDS:
-        raise ConfigError(f"unknown Fréchet backend {backend!r}; choose one of {FRECHET_BACKENDS}")
+    backend = frechet_backend(backend)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     feats_s = _extract(features, samples, batch_size)

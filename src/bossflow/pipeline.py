@@ -224,7 +224,7 @@ def run_demo(
         The path of ``report.md``.
     """
     from .data import load_dataset
-    from .metrics import evaluate_samples
+    from .metrics import evaluate_samples, frechet_backend
     from .pretrained import load_digits_classifier
     from .report import markdown_table, save_comparison_grid, text_grid, write_report
     from .spec import load_model
@@ -326,6 +326,7 @@ def run_demo(
         "device": str(device),
         "torch": torch.__version__,
         "classifier_heldout_accuracy": accuracy,
+        "frechet_backend": frechet_backend(),
         "heldout_images": int(data.images.shape[0]),
         "cost_matrix_samples": cost.count,
         "timings_s": timings,
