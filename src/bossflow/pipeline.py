@@ -211,7 +211,6 @@ def run_demo(
     config: DemoConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    model_spec: str = "digits",
 ) -> Path:
     """Run the whole method on the embedded default and write a report in ``out``.
 
@@ -233,7 +232,7 @@ def run_demo(
     out = ensure_dir(out)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = load_model(model_spec, device=device)
+    model = load_model("digits", device=device)
     source = NoiseSource(model.sample_shape, seed=cfg.seed, device=device)
     timings: dict[str, float] = {}
 
@@ -271,17 +270,14 @@ def run_demo(
             ("bellman", k, model.field, bellman[k], None),
         ]
     for k in cfg.straighten_nfes:
-        methods += [
-            ("boss", k, runs[("boss", k)].module, bellman[k], runs[("boss", k)].iterations),
-            (
-                "boss-lora",
-                k,
-                runs[("boss-lora", k)].module,
-                bellman[k],
-                runs[("boss-lora", k)].iterations,
-            ),
-            ("reflow", k, runs[("reflow", k)].module, uniform(k), runs[("reflow", k)].iterations),
-        ]
+        # BOSS runs on the Bellman grid it was trained for; reflow, like any reflow model, on uniform.
+        for method, schedule in (
+            ("boss", bellman[k]),
+            ("boss-lora", bellman[k]),
+            ("reflow", uniform(k)),
+        ):
+            run = runs[(method, k)]
+            methods.append((method, k, run.module, schedule, run.iterations))
     features = classifier.features
     records, samples = evaluate_methods(
         methods, noise, reference, heldout_images, features, progress
