@@ -143,3 +143,25 @@ def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "unknown --device"), ("cuda:0", "CUDA")])
+def test_bad_device_is_one_clear_line(tmp_path, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run(f"schedule --model spiral --quiet --device {device} --out", tmp_path / "o") == 2
+    assert message in capsys.readouterr().err
+
+
+def test_small_input_errors():
+    from bossflow.errors import BossflowError, ConfigError
+    from bossflow.io import atomic_write_text
+    from bossflow.noise import NoiseSource
+    from bossflow.pipeline import DemoConfig
+
+    with pytest.raises(ConfigError, match="non-negative"):
+        NoiseSource((2,), seed=-1)
+    with pytest.raises(ConfigError, match="must be among nfes"):
+        DemoConfig(nfes=(2, 4), straighten_nfes=(3,))
+    with pytest.raises(BossflowError, match="could not write"):
+        atomic_write_text("/proc/bossflow-test.json", "{}")

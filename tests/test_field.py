@@ -113,3 +113,17 @@ def test_nfe_counter_and_time_batch():
     assert time_batch(0.3, x).shape == (5,)
     with pytest.raises(ValueError, match="shape"):
         time_batch(torch.zeros(3), x)
+
+
+def test_low_precision_states_get_float32_times():
+    seen = []
+
+    def field(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    x = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert time_batch(0.55, x).dtype == torch.float32
+    sample(field, x, uniform(500))
+    times = torch.stack([t[0] for t in seen])
+    assert times.dtype == torch.float32 and times.unique().numel() == 500  # bf16 would merge them

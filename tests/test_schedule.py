@@ -80,3 +80,11 @@ def test_registry_lists_names():
         make_schedule("cosine", 4)
     with pytest.raises(ScheduleError, match="positive integer"):
         uniform(0)
+
+
+def test_unreadable_or_malformed_files_are_schedule_errors(tmp_path):
+    with pytest.raises(ScheduleError, match="cannot read"):
+        Schedule.load(tmp_path)  # a directory
+    bad = {"times": [0.0, 0.5, 1.0], "indices": ["a", "b", "c"]}
+    with pytest.raises(ScheduleError, match="not a valid"):
+        Schedule.from_dict(bad)

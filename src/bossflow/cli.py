@@ -43,11 +43,26 @@ def _positive(text: str) -> int:
 
 
 def _device(name: str | None) -> str:
+    """``auto`` -> cuda if available, else cpu; anything else must be a device torch knows."""
     import torch
 
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BossflowError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BossflowError(f"--device {name} asked, but this torch sees no CUDA device; use cpu")
     return name
+
+
+def _fraction_or_count(text: str) -> float | int:
+    """``0.1`` -> a fraction, ``100`` -> a count."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a count, got {text!r}") from None
 
 
 def add_model_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
@@ -205,6 +220,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise BossflowError(
                 f"schedule {name!r} has method {method!r}, which is not a report label; pass "
                 f"--method with one of {list(METHODS)}"
+            )
+        if any(e[:2] == (method, s.steps) for e in entries):
+            raise BossflowError(
+                f"two schedules would both be reported as {method} at {s.steps} NFE; evaluate "
+                "them in separate runs (or label one with --method)"
             )
         entries.append((method, s.steps, model.field, s, None))
     records, samples = evaluate_methods(entries, noise, reference, data, features)
@@ -376,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--spacing",
             default="uniform",
-            help="built-in grids for --nfe: uniform, edm, quadratic (comma-separated)",
+            help="built-in grids for --nfe: uniform, edm (comma-separated; sample also takes quadratic)",
         )
 
     p = sub.add_parser("sample", help="sample from a model on a schedule and write a PNG grid")
@@ -454,9 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["boss", "reflow"], default="boss")
     p.add_argument(
         "--holdout",
-        type=float,
+        type=_fraction_or_count,
         default=0.1,
-        help="fraction of noises held out to track the one-step error",
+        help="noises held out to track the one-step error: a fraction (0.1) or a count (100)",
     )
     p.add_argument(
         "--select",

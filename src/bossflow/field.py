@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .errors import ModelOutputError
+from .errors import ConfigError, ModelOutputError
 
 __all__ = [
     "VelocityField",
@@ -39,13 +39,22 @@ class VelocityField(Protocol):
     def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
 
 
+def time_dtype(x: Tensor) -> torch.dtype:
+    """dtype for times next to states ``x``: at least float32.
+
+    bfloat16 has 8 bits of mantissa: a 500-step grid would collapse to about 250 distinct times,
+    so times stay in float32 (or float64 with float64 states) even for low-precision models.
+    """
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def time_batch(t: float | Tensor, x: Tensor) -> Tensor:
-    """Return ``t`` as a (B,) tensor on ``x``'s device and dtype (B = ``x.shape[0]``)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    """Return ``t`` as a (B,) tensor on ``x``'s device (B = ``x.shape[0]``), dtype :func:`time_dtype`."""
+    t = torch.as_tensor(t, device=x.device).to(time_dtype(x))
     if t.ndim == 0:
         return t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        raise ConfigError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
     return t
 
 
@@ -193,7 +202,10 @@ class TorchCFMField(nn.Module):
         t = time_batch(t, x)
         if self.scalar_time:
             if not bool((t == t[0]).all()):
-                raise ValueError("scalar_time=True needs one time per batch")
+                raise ConfigError(
+                    "TorchCFMField(scalar_time=True) needs one time per batch; straightening "
+                    "mixes times, so use scalar_time=False for it"
+                )
             t = t[0]
         return _unwrap_output(self.network(t, x))
 
@@ -238,12 +250,12 @@ class AffineGaussianField(nn.Module):
     def __init__(self, scale: float = 0.5, shift: float | Tensor = 1.0):
         super().__init__()
         if scale <= 0:
-            raise ValueError("scale must be positive")
+            raise ConfigError("scale must be positive")
         self.scale = float(scale)
         self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float64), persistent=False)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        t = time_batch(t, x).view(-1, *([1] * (x.ndim - 1)))
+        t = time_batch(t, x).view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         shift = self.shift.to(dtype=x.dtype, device=x.device)
         return (self.scale - 1.0) * (x - t * shift) / (1.0 - t + t * self.scale) + shift
 
@@ -272,7 +284,7 @@ class SpiralField(nn.Module):
     def _pairs(x: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] % 2:
-            raise ValueError("SpiralField needs an even number of values per sample")
+            raise ConfigError("SpiralField needs an even number of values per sample")
         return flat.view(x.shape[0], -1, 2)
 
     def _times_mu(self, x: Tensor, factor: complex) -> Tensor:

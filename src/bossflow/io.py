@@ -12,6 +12,16 @@ from .errors import BossflowError
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "ensure_dir"]
 
 
+def _file_mode() -> int:
+    """0666 less the process umask: the mode ``open()`` would give (read once, at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create directory ``path`` (and parents); a clear error if it exists as a file."""
     path = Path(path)
@@ -32,26 +42,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp_path, path)
     except OSError as err:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         raise BossflowError(f"could not write {path}: {err.strerror or err}") from None
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -5,10 +5,9 @@ error metrics); ``samples[b]`` and ``reference[b]`` come from the same noise, th
 fine solve (1000-step Euler or dopri5). Every statistic is computed in float64 and returned as a
 Python ``float``, whatever the dtype and device of the inputs.
 
-The Fréchet distance is computed in float64 by :func:`frechet_from_stats` (a symmetric
-eigendecomposition, no SciPy). ``torchmetrics``' ``FrechetInceptionDistance`` with a custom feature
-module is available as ``backend="torchmetrics"`` to cross-check it; see :func:`frechet_distance`
-for why it is not the default.
+The Fréchet distance goes through ``torchmetrics``' ``FrechetInceptionDistance`` with a custom
+feature module where torchmetrics imports, else through the float64 :func:`frechet_from_stats` (a
+symmetric eigendecomposition, no SciPy); see :func:`frechet_distance`.
 """
 
 from __future__ import annotations
@@ -123,9 +122,13 @@ def psnr(samples: Tensor, reference: Tensor, data_range: float = 2.0) -> float:
     Returns:
         PSNR in dB; ``inf`` when the MSE is 0.
     """
+    return psnr_from_mse(float(_per_sample_mse(samples, reference).mean()), data_range)
+
+
+def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
+    """``10 log10(data_range^2 / mse)`` in dB; ``inf`` when ``mse`` is 0."""
     if not data_range > 0:
         raise ConfigError(f"data_range must be positive, got {data_range!r}")
-    mse = float(_per_sample_mse(samples, reference).mean())
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(data_range**2 / mse)
@@ -249,9 +252,7 @@ def _frechet_torchmetrics(feats_s: Tensor, feats_r: Tensor, batch_size: int) -> 
     from .errors import require
 
     fid_mod = require("torchmetrics.image.fid", "metrics", "the torchmetrics Fréchet backend")
-    metric = fid_mod.FrechetInceptionDistance(
-        feature=_Passthrough(int(feats_s.shape[1])), normalize=True
-    )
+    metric = fid_mod.FrechetInceptionDistance(feature=_Passthrough(int(feats_s.shape[1])))
     for feats, real in ((feats_r, True), (feats_s, False)):
         for start in range(0, feats.shape[0], batch_size):
             metric.update(feats[start : start + batch_size], real=real)
@@ -501,7 +502,7 @@ def evaluate_samples(
         nfe=nfe,
         mse_to_reference=mse,
         mse_stderr=stderr,
-        psnr=psnr(samples, reference, data_range=data_range),
+        psnr=psnr_from_mse(mse, data_range),
         frechet=frechet,
         wall_s=wall_s,
         iterations=iterations,

@@ -35,8 +35,12 @@ class NoiseSource:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
+        from .errors import ConfigError
+
         self.shape = tuple(int(s) for s in shape)
         self.seed = int(seed)
+        if self.seed < 0:
+            raise ConfigError(f"the noise seed must be a non-negative integer, got {seed}")
         self.dtype = dtype
         self.device = device
 

@@ -78,6 +78,15 @@ class DemoConfig:
     reference_steps: int = 1000
     batch: int = 256
 
+    def __post_init__(self) -> None:
+        from .errors import ConfigError
+
+        if not set(self.straighten_nfes) <= set(self.nfes):
+            raise ConfigError(
+                f"straighten_nfes {list(self.straighten_nfes)} must be among nfes "
+                f"{list(self.nfes)}: the report compares BOSS with the baselines at the same NFE"
+            )
+
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A sub-minute version for tests and smoke runs (tiny sizes, same code path)."""

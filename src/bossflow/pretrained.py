@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .checkpoint import state_dict_problems
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, ensure_dir
 from .models.unet import DigitClassifier, DigitUNet
 
 __all__ = [
@@ -102,8 +102,7 @@ def save_pretrained(
     config = getattr(module, "config", None)
     if not isinstance(config, dict):
         raise ConfigError(f"{cls_name} has no 'config' dict of constructor arguments to save")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_dir(directory)
 
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import BossflowError, ConfigError, require
-from .io import atomic_write, atomic_write_text, ensure_dir
+from .io import atomic_write_bytes, atomic_write_text, ensure_dir
 from .metrics import METHODS, EvalRecord
 from .schedule import Schedule
 
@@ -136,7 +136,7 @@ def _save_png(image: Any, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     data = buf.getvalue()
-    return atomic_write(path, lambda p: p.write_bytes(data))
+    return atomic_write_bytes(path, data)
 
 
 def save_grid(
@@ -262,7 +262,7 @@ def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     data = buf.getvalue()
-    return atomic_write(path, lambda p: p.write_bytes(data))
+    return atomic_write_bytes(path, data)
 
 
 def plot_schedules(schedules: Mapping[str, Schedule], path: str | os.PathLike) -> Path:

@@ -91,7 +91,7 @@ class Schedule:
         return len(self.times) - 1
 
     def nfe(self, solver: str = "euler") -> int:
-        """Function evaluations for ``solver`` on this grid (Euler K; Heun 2K - 1; midpoint 2K)."""
+        """Function evaluations for ``solver`` on this grid (Euler K; Heun and midpoint 2K)."""
         from .solvers import nfe_for
 
         return nfe_for(solver, self.steps)
@@ -163,15 +163,18 @@ class Schedule:
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
         if not isinstance(data, Mapping) or "times" not in data:
             raise ScheduleError("not a bossflow schedule: expected a JSON object with 'times'")
-        return cls(
-            times=np.asarray(data["times"], dtype=np.float64)
-            if isinstance(data["times"], list)
-            else data["times"],
-            method=str(data.get("method", "custom")),
-            indices=data.get("indices"),
-            cost=data.get("cost"),
-            provenance=data.get("provenance") or {},
-        )
+        try:
+            return cls(
+                times=data["times"],
+                method=str(data.get("method", "custom")),
+                indices=data.get("indices"),
+                cost=data.get("cost"),
+                provenance=data.get("provenance") or {},
+            )
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ScheduleError):
+                raise
+            raise ScheduleError(f"not a valid bossflow schedule: {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the schedule as JSON (atomically: a temporary file, then a rename)."""
@@ -187,6 +190,10 @@ class Schedule:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ScheduleError(f"schedule file {path} does not exist") from None
+        except OSError as err:
+            raise ScheduleError(
+                f"cannot read schedule file {path}: {err.strerror or err}"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
         if isinstance(data, list):

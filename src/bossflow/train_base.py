@@ -242,13 +242,15 @@ def train_base(
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         data = data.to(device=device, dtype=torch.float32)
+        if val_data is not None:
+            val_data = val_data.to(device=device, dtype=torch.float32)
         batches = _batches(data.shape[0], batch_size, gen)
         log = TrainLog(settings=settings)
 
         def validate(step: int) -> None:
             if val_data is not None:
                 log.val_step.append(step)
-                log.val_loss.append(flow_validation_loss(ema, val_data.to(device), seed=seed))
+                log.val_loss.append(flow_validation_loss(ema, val_data, seed=seed))
 
         start = time.perf_counter()
         running, count = 0.0, 0
@@ -462,6 +464,11 @@ def train_classifier(
     _check_images(images, "images")
     if labels.shape != (images.shape[0],):
         raise ConfigError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(
+            f"need steps >= 1, batch_size >= 1 and lr > 0; got steps={steps}, "
+            f"batch_size={batch_size}, lr={lr}"
+        )
     device = torch.device(device) if device is not None else images.device
     config = {**(model_config or {}), "in_channels": images.shape[1]}
     config.setdefault("num_classes", int(labels.max()) + 1 if labels.numel() else 10)

@@ -21,6 +21,7 @@ prediction ``x_i + (tau_j - tau_i) v_i`` and calls ``metric(pred, target) -> (n,
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, CostMatrixError
-from ..field import VelocityField, check_velocity
+from ..field import VelocityField
 from ..schedule import Schedule, uniform
+from ..solvers import sample
 
 __all__ = [
     "CostMatrix",
@@ -103,19 +105,16 @@ def fine_trajectories(field: VelocityField, noise: Tensor, grid: Schedule) -> tu
         ``(states, velocities)``: (B, N + 1, ...) states ``x_0..x_N`` and (B, N, ...) velocities
         ``v_0..v_{N-1}``, in the dtype and on the device of ``noise``.
     """
-    times = grid.times
-    n = len(times) - 1
+    n = len(grid.times) - 1
     states = noise.new_empty((noise.shape[0], n + 1, *noise.shape[1:]))
     vels = noise.new_empty((noise.shape[0], n, *noise.shape[1:]))
-    x = noise
-    states[:, 0] = x
-    with torch.no_grad():
-        for i in range(n):
-            t = torch.full((x.shape[0],), float(times[i]), dtype=x.dtype, device=x.device)
-            v = check_velocity(field(x, t), x)
-            vels[:, i] = v
-            x = x + float(times[i + 1] - times[i]) * v
-            states[:, i + 1] = x
+    states[:, 0] = noise
+
+    def record(step: dict[str, Any]) -> None:
+        vels[:, step["i"]] = step["v"]
+        states[:, step["i"] + 1] = step["x_next"]
+
+    sample(field, noise, grid, callback=record)
     return states, vels
 
 
@@ -243,8 +242,6 @@ class CostMatrix:
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write as ``.npz`` (atomically). Holds sums, count, grid, metric and meta."""
-        import json
-
         from ..io import atomic_write
 
         def write(tmp: Path) -> None:
@@ -265,7 +262,6 @@ class CostMatrix:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CostMatrix:
         """Read a file written by :meth:`save`; a clear error if it is not one."""
-        import json
         import zipfile
 
         path = Path(path)
@@ -328,6 +324,11 @@ def cost_matrix(
     """
     fine = resolve_grid(grid)
     name, _ = _metric(metric)
+    if cache is not None and name == "<lambda>":
+        raise ConfigError(
+            "a cached cost matrix records its metric by name; pass a named function (def ...) "
+            "instead of a lambda so a resumed run can check it uses the same metric"
+        )
     if isinstance(noise, Tensor):
         total = noise.shape[0]
 
@@ -356,7 +357,10 @@ def cost_matrix(
             raise CheckpointError(
                 f"cache {cache} already holds {acc.count} samples, more than the {total} asked"
             )
-        clash = {k for k, v in (meta or {}).items() if k in acc.meta and acc.meta[k] != v}
+        stored = json.loads(
+            json.dumps(meta or {})
+        )  # compare as the cache holds it (tuples -> lists)
+        clash = {k for k, v in stored.items() if k in acc.meta and acc.meta[k] != v}
         if clash:
             raise CheckpointError(
                 f"cache {cache} was made with other settings ({', '.join(sorted(clash))} differ); "

@@ -902,7 +902,7 @@ class NCSNpp(nn.Module):
         """
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.num_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"x must have shape (B, {cfg.num_channels}, H, W), got {tuple(x.shape)}"
             )
         if time_cond.ndim == 0:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 __all__ = ["DigitUNet", "DigitClassifier", "timestep_embedding"]
 
 
@@ -191,12 +193,12 @@ class DigitUNet(nn.Module):
             Tensor shaped like ``x`` (same dtype): the predicted ``dx/dt``.
         """
         if x.ndim != 4 or t.shape != (x.shape[0],):
-            raise ValueError(
+            raise ConfigError(
                 f"DigitUNet expects x of shape (B, C, H, W) and t of shape (B,), got "
                 f"{tuple(x.shape)} and {tuple(t.shape)}"
             )
-        t = t.to(dtype=x.dtype)
-        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        # the embedding is computed in float32 at least, then cast to the network's dtype
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
 
         h = self.conv_in(x)
         skips0 = [h]

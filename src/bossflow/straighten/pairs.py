@@ -40,9 +40,10 @@ from torch import Tensor, nn
 
 from ..bellman.cost import resolve_grid
 from ..errors import CheckpointError, ConfigError
-from ..field import VelocityField, check_velocity
+from ..field import VelocityField
 from ..io import atomic_write, atomic_write_text, ensure_dir
 from ..schedule import Schedule
+from ..solvers import sample
 
 __all__ = ["PairStore", "make_pairs", "module_fingerprint"]
 
@@ -305,27 +306,24 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _integrate(field: VelocityField, z: Tensor, times: np.ndarray, keep: list[int]) -> Tensor:
-    """Fine Euler trajectories from ``z``, keeping only the states at fine-grid indices ``keep``.
-
-    The same arithmetic as :func:`bossflow.bellman.fine_trajectories` (so the stored states equal
-    its states exactly), but memory O(B * T * D) instead of O(B * N * D).
+def _integrate(field: VelocityField, z: Tensor, grid: Schedule, keep: list[int]) -> Tensor:
+    """Fine Euler trajectories from ``z`` (:func:`bossflow.solvers.sample` on ``grid``), keeping
+    only the states at fine-grid indices ``keep``: the states of
+    :func:`bossflow.bellman.fine_trajectories`, in memory O(B * T * D) instead of O(B * N * D).
 
     Returns:
         (B, len(keep), ...) states in the dtype and on the device of ``z``.
     """
     out = z.new_empty((z.shape[0], len(keep), *z.shape[1:]))
     column = {i: c for c, i in enumerate(keep)}
-    x = z
-    with torch.no_grad():
-        for i in range(len(times)):
-            if i in column:
-                out[:, column[i]] = x
-            if i == len(times) - 1:
-                break
-            t = torch.full((x.shape[0],), float(times[i]), dtype=x.dtype, device=x.device)
-            v = check_velocity(field(x, t), x)
-            x = x + float(times[i + 1] - times[i]) * v
+    if 0 in column:
+        out[:, column[0]] = z
+
+    def record(step: dict[str, Any]) -> None:
+        if step["i"] + 1 in column:
+            out[:, column[step["i"] + 1]] = step["x_next"]
+
+    sample(field, z, grid, callback=record)
     return out
 
 
@@ -439,7 +437,7 @@ def make_pairs(
         while manifest["count"] < total:
             start = manifest["count"]
             rows = range(start, min(start + batch_size, total))
-            states = _integrate(field, take(rows), grid.times, keep)
+            states = _integrate(field, take(rows), grid, keep)
             arr = states.detach().to("cpu", dtype).numpy()
             name = f"shard-{len(manifest['shards']):05d}.npy"
 

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
-from ..io import atomic_write, atomic_write_text, ensure_dir
+from ..field import time_batch, time_dtype
+from ..io import atomic_write, atomic_write_bytes, atomic_write_text, ensure_dir
 from ..schedule import Schedule
 from .pairs import PairStore, module_fingerprint
 
@@ -260,11 +261,14 @@ def eval_interval_error(
     total = 0.0
     with torch.no_grad(), _eval_mode(field):
         for a in range(0, idx.size, batch_size):
-            x = pairs.states[idx[a : a + batch_size], :].to(device, dtype)  # (b, T, ...)
-            x = x[:, torch.as_tensor(cols, device=device)]  # (b, K + 1, ...)
+            # States stay in float32 (at least); only the model's input is in the model's dtype.
+            x = pairs.states[idx[a : a + batch_size], :].to(device)  # (b, T, ...)
+            x = x[:, torch.as_tensor(cols, device=device)]
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # (b, K + 1, ...)
             for k, h in enumerate(steps):
-                t = torch.full((x.shape[0],), float(schedule.times[k]), device=device, dtype=dtype)
-                jump = x[:, k] + float(h) * field(x[:, k], t) - x[:, k + 1]
+                t = time_batch(float(schedule.times[k]), x[:, k])
+                v = field(x[:, k].to(dtype), t).to(x.dtype)
+                jump = x[:, k] + float(h) * v - x[:, k + 1]
                 total += float(jump.double().pow(2).flatten(1).mean(1).sum())
     return total / (idx.size * len(steps))
 
@@ -609,7 +613,7 @@ def straighten(
                 group["lr"] = lr
             x, t, target = batch()
             with autocast():
-                pred = model(x.to(dtype), t.to(dtype))
+                pred = model(x.to(dtype), t.to(time_dtype(x)))  # times at least float32
             if pred.shape != target.shape:  # mse_loss would broadcast silently
                 raise ModelOutputError(
                     f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
@@ -705,6 +709,6 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
         "trainable_parameters": result.trainable_parameters,
     }
     blob = st_save(state, metadata={"format": provenance["format"]})
-    atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+    atomic_write_bytes(path, blob)
     atomic_write_text(path.with_suffix(".json"), json.dumps(provenance, indent=1) + "\n")
     return path
