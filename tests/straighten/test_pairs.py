@@ -162,3 +162,16 @@ def test_bad_inputs_give_clear_errors(field, noise, tmp_path):
         make_pairs(field, noise, SCHEDULES, tmp_path / "file", fine_grid=GRID)
     with pytest.raises(CheckpointError, match="not a pair store"):
         PairStore.open(tmp_path)
+
+
+def test_resume_checks_listed_shards_before_adding_more(tmp_path):
+    import os
+
+    from bossflow.field import SpiralField
+
+    field, z = SpiralField(), torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    make_pairs(field, z[:4], [uniform(2)], tmp_path, fine_grid=4, batch_size=2)
+    os.remove(tmp_path / "shard-00000.npy")
+    with pytest.raises(CheckpointError, match="shard-00000.npy"):
+        make_pairs(field, z, [uniform(2)], tmp_path, fine_grid=4, batch_size=2)
+    assert not (tmp_path / "shard-00002.npy").exists()  # nothing integrated on a broken store

@@ -426,6 +426,8 @@ def make_pairs(
                 "pass samples >= that or use another out_dir"
             )
         manifest["samples"] = total
+        if manifest["count"]:
+            PairStore.open(path)  # the shards already listed must be readable before adding more
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
     bar = None
