@@ -370,9 +370,9 @@ def cost_matrix(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=total, initial=acc.count, desc="cost matrix", unit="traj")
+        bar = progress_bar(total=total, initial=acc.count, desc="cost matrix", unit="traj")
     try:
         while acc.count < total:
             rows = range(acc.count, min(acc.count + batch_size, total))

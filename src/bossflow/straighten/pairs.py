@@ -432,9 +432,9 @@ def make_pairs(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=total, initial=manifest["count"], desc="pairs", unit="traj")
+        bar = progress_bar(total=total, initial=manifest["count"], desc="pairs", unit="traj")
     try:
         while manifest["count"] < total:
             start = manifest["count"]
