@@ -195,8 +195,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import ensure_dir
     from .metrics import METHODS
-    from .noise import NoiseSource
-    from .pipeline import STAGE_OFFSETS, OffsetNoise, evaluate_methods
+    from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
+    from .pipeline import evaluate_methods
     from .report import markdown_table, write_report
     from .solvers import reference_solve
 
@@ -244,8 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # -- straighten --------------------------------------------------------------------------------
 def cmd_straighten(args: argparse.Namespace) -> int:
     from .io import ensure_dir
-    from .noise import NoiseSource
-    from .pipeline import STAGE_OFFSETS, OffsetNoise
+    from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
     from .schedule import Schedule
     from .straighten import StraightenConfig, make_pairs, save_straightened, straighten
 

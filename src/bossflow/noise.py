@@ -6,13 +6,23 @@ an interrupted run resumed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSource"]
+from .errors import ConfigError
+
+__all__ = ["NoiseSource", "OffsetNoise", "STAGE_OFFSETS", "NoiseLike", "noise_reader"]
+
+#: Index offsets of each stage's noises in a run's :class:`NoiseSource`: the cost matrix, the
+#: straightening pairs and the evaluation never share a noise. Sample ``m`` of stage ``s`` is
+#: source index ``STAGE_OFFSETS[s] + m``.
+STAGE_OFFSETS: dict[str, int] = {"schedule": 0, "pairs": 10_000_000, "eval": 20_000_000}
+
+#: Noise as the long jobs take it: an (M, ...) tensor, or ``noise(range(a, b)) -> (b - a, ...)``.
+NoiseLike = Tensor | Callable[[range], Tensor]
 
 
 class NoiseSource:
@@ -35,8 +45,6 @@ class NoiseSource:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        from .errors import ConfigError
-
         self.shape = tuple(int(s) for s in shape)
         self.seed = int(seed)
         if self.seed < 0:
@@ -60,3 +68,59 @@ class NoiseSource:
 
     def __repr__(self) -> str:
         return f"NoiseSource(shape={self.shape}, seed={self.seed})"
+
+
+class OffsetNoise:
+    """``noise(range(a, b))`` = ``source(range(offset + a, offset + b))``: one stage's noises.
+
+    Args:
+        source: the run's noise source.
+        offset: first source index of the stage, e.g. ``STAGE_OFFSETS["eval"]``.
+    """
+
+    def __init__(self, source: NoiseSource, offset: int):
+        self.source, self.offset = source, int(offset)
+
+    @property
+    def seed(self) -> int:
+        return self.source.seed
+
+    def __call__(self, rows: Sequence[int] | range) -> Tensor:
+        return self.source([self.offset + int(r) for r in rows])
+
+    def take(self, count: int, start: int = 0) -> Tensor:
+        """Stage samples ``start .. start + count - 1`` as one tensor."""
+        return self(range(start, start + count))
+
+    def __repr__(self) -> str:
+        return f"OffsetNoise({self.source!r}, offset={self.offset})"
+
+
+def noise_reader(noise: NoiseLike, samples: int | None, what: str) -> tuple[int, Callable]:
+    """``(M, take)`` for noise given as a tensor or a callable; ``take(range(a, b))`` reads rows.
+
+    Args:
+        noise: an (M, ...) tensor (then ``samples`` is ignored) or a callable
+            ``noise(range(a, b)) -> (b - a, ...)`` such as :class:`NoiseSource`.
+        samples: M when ``noise`` is a callable.
+        what: the caller's name, for messages.
+
+    Raises:
+        ConfigError: a callable without ``samples``, not a tensor or callable, or M < 1.
+    """
+    if isinstance(noise, Tensor):
+        total = int(noise.shape[0])
+
+        def take(rows: range) -> Tensor:
+            return noise[rows.start : rows.stop]
+    elif callable(noise):
+        if samples is None:
+            raise ConfigError(f"{what}: pass samples=M when noise is a callable")
+        total, take = int(samples), noise
+    else:
+        raise ConfigError(
+            f"{what}: noise must be an (M, ...) tensor or a callable noise(range) -> tensor"
+        )
+    if total < 1:
+        raise ConfigError(f"{what} needs at least one noise sample, got {total}")
+    return total, take

@@ -22,24 +22,11 @@ from torch import Tensor, nn
 from .bellman import bellman_schedules, cost_matrix
 from .field import NFECounter
 from .io import atomic_write_text, ensure_dir
-from .noise import NoiseSource
+from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
 from .schedule import Schedule, edm, uniform
 from .solvers import reference_solve, sample
 
 __all__ = ["DemoConfig", "run_demo", "OffsetNoise", "STAGE_OFFSETS", "evaluate_methods"]
-
-# Index offsets of each stage's noises in the run's NoiseSource: disjoint by construction.
-STAGE_OFFSETS = {"schedule": 0, "pairs": 10_000_000, "eval": 20_000_000}
-
-
-class OffsetNoise:
-    """``noise(range(a, b))`` = ``source(range(offset + a, offset + b))``."""
-
-    def __init__(self, source: NoiseSource, offset: int):
-        self.source, self.offset = source, int(offset)
-
-    def __call__(self, rows: Sequence[int] | range) -> Tensor:
-        return self.source([self.offset + int(r) for r in rows])
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Schedules: strictly increasing time grids from 0 (noise) to 1 (data), as small value objects.
 
-A schedule with ``K + 1`` points drives ``K`` steps of a one-evaluation solver (Euler: NFE = K;
-Heun and midpoint use two evaluations per step). It carries its provenance (how it was made) so a
+A schedule with ``K + 1`` points drives ``K`` steps of a solver (Euler: NFE = K; Heun and midpoint
+use two evaluations per step, see :func:`bossflow.solvers.nfe_for`). It carries its provenance (how it was made) so a
 JSON file on disk says where it came from.
 """
 
@@ -18,7 +18,15 @@ import numpy as np
 
 from .errors import ScheduleError
 
-__all__ = ["Schedule", "uniform", "edm", "quadratic", "SCHEDULES", "make_schedule"]
+__all__ = [
+    "Schedule",
+    "uniform",
+    "edm",
+    "quadratic",
+    "SCHEDULES",
+    "make_schedule",
+    "resolve_grid",
+]
 
 _FORMAT = "bossflow.schedule/1"
 
@@ -89,12 +97,6 @@ class Schedule:
     def steps(self) -> int:
         """Number of intervals K (= NFE for Euler)."""
         return len(self.times) - 1
-
-    def nfe(self, solver: str = "euler") -> int:
-        """Function evaluations for ``solver`` on this grid (Euler K; Heun and midpoint 2K)."""
-        from .solvers import nfe_for
-
-        return nfe_for(solver, self.steps)
 
     def __len__(self) -> int:
         return len(self.times)
@@ -254,3 +256,14 @@ def make_schedule(name: str, steps: int, **kwargs: Any) -> Schedule:
             f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)} or load a JSON file"
         ) from None
     return fn(steps, **kwargs)
+
+
+def resolve_grid(grid: Schedule | int | Sequence[float] | None) -> Schedule:
+    """A fine grid from a Schedule, a number of uniform intervals N (default 100) or a list of times."""
+    if grid is None:
+        return uniform(100)
+    if isinstance(grid, Schedule):
+        return grid
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        return uniform(int(grid))
+    return Schedule(np.asarray(grid, dtype=np.float64), method="custom")

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, CostMatrixError
 from ..field import VelocityField
-from ..schedule import Schedule, uniform
+from ..noise import NoiseLike, noise_reader
+from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
 
 __all__ = [
@@ -80,17 +81,6 @@ def _metric(metric: str | Metric) -> tuple[str, Metric | None]:
             f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a callable "
             "metric(pred, target) -> (n,) per-sample values"
         ) from None
-
-
-def resolve_grid(grid: Schedule | int | Sequence[float] | None) -> Schedule:
-    """A fine grid from a Schedule, a number of uniform intervals N (default 100) or a list."""
-    if grid is None:
-        return uniform(100)
-    if isinstance(grid, Schedule):
-        return grid
-    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        return uniform(int(grid))
-    return Schedule(np.asarray(grid, dtype=np.float64), method="custom")
 
 
 def fine_trajectories(field: VelocityField, noise: Tensor, grid: Schedule) -> tuple[Tensor, Tensor]:
@@ -289,9 +279,6 @@ class CostMatrix:
             ) from None
 
 
-NoiseLike = Tensor | Callable[[range], Tensor]
-
-
 def cost_matrix(
     field: VelocityField,
     noise: NoiseLike,
@@ -329,20 +316,7 @@ def cost_matrix(
             "a cached cost matrix records its metric by name; pass a named function (def ...) "
             "instead of a lambda so a resumed run can check it uses the same metric"
         )
-    if isinstance(noise, Tensor):
-        total = noise.shape[0]
-
-        def take(rows: range) -> Tensor:
-            return noise[rows.start : rows.stop]
-    elif callable(noise):
-        if samples is None:
-            raise ConfigError("pass samples=M when noise is a callable")
-        total = int(samples)
-        take = noise
-    else:
-        raise ConfigError("noise must be an (M, ...) tensor or a callable noise(range) -> tensor")
-    if total < 1:
-        raise ConfigError("the cost matrix needs at least one sample")
+    total, take = noise_reader(noise, samples, "the cost matrix")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bellman.cost import resolve_grid
 from ..errors import CheckpointError, ConfigError
 from ..field import VelocityField
 from ..io import atomic_write, atomic_write_text, ensure_dir
-from ..schedule import Schedule
+from ..noise import NoiseLike, noise_reader
+from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
 
 __all__ = ["PairStore", "make_pairs", "module_fingerprint"]
@@ -53,8 +53,6 @@ MANIFEST = "manifest.json"
 # its exact float64 values; JSON round trips are exact too, so this only absorbs foreign rounding).
 _TIME_TOL = 1e-9
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-
-NoiseLike = Tensor | Callable[[range], Tensor]
 
 
 def module_fingerprint(module: Any) -> str | None:
@@ -377,19 +375,7 @@ def make_pairs(
         raise ConfigError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    if isinstance(noise, Tensor):
-        total = int(noise.shape[0])
-
-        def take(rows: range) -> Tensor:
-            return noise[rows.start : rows.stop]
-    elif callable(noise):
-        if samples is None:
-            raise ConfigError("pass samples=M when noise is a callable")
-        total, take = int(samples), noise
-    else:
-        raise ConfigError("noise must be an (M, ...) tensor or a callable noise(range) -> tensor")
-    if total < 1:
-        raise ConfigError("make_pairs needs at least one noise")
+    total, take = noise_reader(noise, samples, "make_pairs")
 
     keep = sorted({i for s in scheds for i in _grid_indices(s, grid)})
     first = take(range(0, 1))
