@@ -13,6 +13,7 @@ from bossflow.metrics import (
     feature_stats,
     frechet_distance,
     frechet_from_stats,
+    method_rank,
     mse_to_reference,
     psnr,
     straightness,
@@ -163,11 +164,12 @@ def test_straightness_matches_direct_formula():
 
 # -- records ------------------------------------------------------------------------------------
 def test_eval_record_validates_method_and_round_trips():
-    with pytest.raises(ConfigError) as err:
-        EvalRecord("euler", 4, 0.1, 0.01, 20.0, None, 1.0)
-    assert isinstance(err.value, BossflowError)
-    for name in METHODS:
-        assert name in str(err.value)
+    for bad in ("", "  ", "a|b", "two\nlines", "a/b", 3, None):
+        with pytest.raises(ConfigError, match="method label") as err:
+            EvalRecord(bad, 4, 0.1, 0.01, 20.0, None, 1.0)
+        assert isinstance(err.value, BossflowError)
+    # labels are open: a new sampler needs no registration
+    assert EvalRecord("learned", 4, 0.1, 0.01, 20.0, None, 1.0).method == "learned"
     with pytest.raises(ConfigError, match="nfe"):
         EvalRecord("uniform", 0, 0.1, 0.01, 20.0, None, 1.0)
     rec = EvalRecord("boss-lora", 4, 0.1, 0.01, math.inf, 3.5, 1.0, iterations=200)
@@ -198,8 +200,16 @@ def test_evaluate_samples_ties_metrics_together():
     assert rec.psnr == pytest.approx(psnr(samples, ref))
     assert rec.frechet == pytest.approx(frechet_distance(samples, data))
     assert evaluate_samples(samples, ref, None, None, "boss", 4, 0.5, 100).frechet is None
-    with pytest.raises(ConfigError, match="unknown method"):
-        evaluate_samples(samples, ref, None, None, "magic", 4, 0.5)
+    assert evaluate_samples(samples, ref, None, None, "magic", 4, 0.5).method == "magic"
+    with pytest.raises(ConfigError, match="method label"):
+        evaluate_samples(samples, ref, None, None, "a|b", 4, 0.5)
+
+
+def test_method_rank_orders_known_then_new_labels_then_reference():
+    labels = ["reference", "zeta", "boss", "learned", "uniform", "reflow"]
+    ordered = sorted(labels, key=method_rank)
+    assert ordered == ["uniform", "boss", "reflow", "learned", "zeta", "reference"]
+    assert [m for m in sorted(METHODS, key=method_rank)] == list(METHODS)
 
 
 def test_auto_backend_prefers_torchmetrics_and_falls_back(monkeypatch):

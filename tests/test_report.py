@@ -171,9 +171,9 @@ def test_results_round_trip_with_non_finite(tmp_path):
         ('{"records": {}}', "'records' list"),
         ('{"records": [{"method": "uniform", "nfe": 2}]}', "record 0 is malformed"),
         (
-            '{"records": [{"method": "dpm", "nfe": 2, "mse_to_reference": 0, "psnr": 0,'
+            '{"records": [{"method": "a|b", "nfe": 2, "mse_to_reference": 0, "psnr": 0,'
             ' "frechet": null, "wall_s": 0, "iterations": null}]}',
-            "unknown method",
+            "method label",
         ),
     ],
 )

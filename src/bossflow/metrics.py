@@ -28,6 +28,7 @@ from .solvers import sample
 
 __all__ = [
     "METHODS",
+    "method_rank",
     "FRECHET_BACKENDS",
     "frechet_backend",
     "EvalRecord",
@@ -40,8 +41,21 @@ __all__ = [
     "evaluate_samples",
 ]
 
-#: Method names an :class:`EvalRecord` may carry, in the order reports list them.
+#: The methods bossflow itself evaluates, in the order reports list them. Labels are open: a record
+#: may carry any other label (a new sampler, a user's own method), listed after these
+#: (alphabetically) and before ``"reference"``; see :func:`method_rank`.
 METHODS: tuple[str, ...] = ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow", "reference")
+
+
+def method_rank(label: str) -> tuple[int, str]:
+    """Sort key of a method label in reports: :data:`METHODS` order, other labels after them
+    alphabetically, ``"reference"`` (the fine solve) last."""
+    if label == "reference":
+        return (len(METHODS) + 1, label)
+    if label in METHODS:
+        return (METHODS.index(label), label)
+    return (len(METHODS), label)
+
 
 #: Fréchet backends accepted by :func:`frechet_distance`.
 FRECHET_BACKENDS: tuple[str, ...] = ("auto", "torchmetrics", "float64")
@@ -366,9 +380,18 @@ def _is_count(value: Any, minimum: int) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
 
 
-def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+def _check_method(method: Any) -> str:
+    """A method label: any short text that fits a table cell and a file name."""
+    if (
+        not isinstance(method, str)
+        or not method.strip()
+        or len(method) > 64
+        or any(c in method for c in "|\n\r\t/\\")
+    ):
+        raise ConfigError(
+            f"a method label must be a non-empty string of at most 64 characters without "
+            f"'|', '/', '\\' or line breaks (e.g. 'bellman', 'learned'), got {method!r}"
+        )
     return method
 
 
@@ -393,7 +416,7 @@ class EvalRecord:
     """One row of a report: a method evaluated at one NFE.
 
     Attributes:
-        method: one of :data:`METHODS`.
+        method: the method's label (:data:`METHODS` or any other, see :func:`method_rank`).
         nfe: function evaluations per sample (exact count).
         mse_to_reference: mean per-dimension squared error to the reference sample, see
             :func:`mse_to_reference`.
@@ -485,7 +508,7 @@ def evaluate_samples(
         reference: (B, C, H, W) fine-solve samples from the same noises.
         data: (M, C, H, W) held-out real images for the Fréchet distance, or ``None`` to skip it.
         features: feature extractor for :func:`frechet_distance` (``None``: raw pixels).
-        method: one of :data:`METHODS`.
+        method: the method's label (:data:`METHODS` or any other).
         nfe: function evaluations per sample.
         wall_s: wall-clock seconds spent sampling.
         iterations: fine-tuning iterations, if the method was fine-tuned.

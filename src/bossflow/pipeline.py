@@ -11,20 +11,18 @@ Noises never overlap between stages: sample ``m`` of a stage is ``NoiseSource(se
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from .bellman import bellman_schedules, cost_matrix
-from .field import NFECounter
+from .evaluation import EvalEntry, evaluate_methods
 from .io import atomic_write_text, ensure_dir
 from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
-from .schedule import Schedule, edm, uniform
-from .solvers import reference_solve, sample
+from .schedule import edm, uniform
+from .solvers import reference_solve
 
 __all__ = ["DemoConfig", "run_demo", "OffsetNoise", "STAGE_OFFSETS", "evaluate_methods"]
 
@@ -170,38 +168,6 @@ def _straighten_stage(model, cfg, out, source, schedules, progress):
     return pairs, runs
 
 
-def evaluate_methods(
-    methods: Sequence[tuple[str, int, nn.Module | Callable, Schedule, int | None]],
-    noise: Tensor,
-    reference: Tensor,
-    data: Tensor | None,
-    features: Callable[[Tensor], Tensor] | None,
-    progress: bool = False,
-) -> tuple[list, dict[tuple[str, int], Tensor]]:
-    """Sample every ``(method, nfe, field, schedule, iterations)`` from ``noise`` and score it.
-
-    Returns:
-        ``(records, samples)``: one :class:`~bossflow.metrics.EvalRecord` per entry, and the
-        samples keyed by ``(method, nfe)``. The NFE recorded is counted, not assumed.
-    """
-    from .metrics import evaluate_samples
-
-    records, outs = [], {}
-    for method, nfe, fld, schedule, iterations in methods:
-        counter = NFECounter(fld)
-        start = time.perf_counter()
-        x = sample(counter, noise, schedule)
-        wall = time.perf_counter() - start
-        if counter.nfe != nfe:
-            raise RuntimeError(f"{method}: counted {counter.nfe} evaluations, expected {nfe}")
-        records.append(
-            evaluate_samples(x, reference, data, features, method, counter.nfe, wall, iterations)
-        )
-        outs[(method, nfe)] = x
-        _log(progress, f"  {method:>10} NFE {nfe}: MSE {records[-1].mse_to_reference:.4g}")
-    return records, outs
-
-
 def run_demo(
     out: str | Path = "runs/demo",
     config: DemoConfig | None = None,
@@ -258,12 +224,12 @@ def run_demo(
         )
     heldout_images = data.images.to(device)
 
-    methods: list[tuple[str, int, Any, Schedule, int | None]] = []
+    methods: list[EvalEntry] = []
     for k in cfg.nfes:
         methods += [
-            ("uniform", k, model.field, uniform(k), None),
-            ("edm", k, model.field, edm(k), None),
-            ("bellman", k, model.field, bellman[k], None),
+            EvalEntry("uniform", model.field, uniform(k)),
+            EvalEntry("edm", model.field, edm(k)),
+            EvalEntry("bellman", model.field, bellman[k]),
         ]
     for k in cfg.straighten_nfes:
         # BOSS runs on the Bellman grid it was trained for; reflow, like any reflow model, on uniform.
@@ -273,10 +239,10 @@ def run_demo(
             ("reflow", uniform(k)),
         ):
             run = runs[(method, k)]
-            methods.append((method, k, run.module, schedule, run.iterations))
+            methods.append(EvalEntry(method, run.module, schedule, iterations=run.iterations))
     features = classifier.features
     records, samples = evaluate_methods(
-        methods, noise, reference, heldout_images, features, progress
+        methods, noise, reference, heldout_images, features, log=print if progress else None
     )
     # The reference's own row: zero error by definition, and its Fréchet distance to the data.
     records.append(

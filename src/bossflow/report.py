@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import BossflowError, ConfigError, require
 from .io import atomic_write_bytes, atomic_write_text, ensure_dir
-from .metrics import METHODS, EvalRecord
+from .metrics import EvalRecord, method_rank
 from .schedule import Schedule
 
 __all__ = [
@@ -303,11 +303,11 @@ def _as_records(records: Iterable[EvalRecord | Mapping[str, Any]]) -> list[EvalR
 
 
 def _sorted(records: list[EvalRecord]) -> list[EvalRecord]:
-    """By the order of :data:`~bossflow.metrics.METHODS`, then NFE, then iterations."""
+    """By method (:func:`~bossflow.metrics.method_rank`), then NFE, then iterations."""
     return sorted(
         records,
         key=lambda r: (
-            METHODS.index(r.method),
+            method_rank(r.method),
             r.nfe,
             -1 if r.iterations is None else r.iterations,
         ),
@@ -341,7 +341,7 @@ def plot_error_vs_nfe(
     ax = fig.add_subplot()
     nfes: set[int] = set()
     recs = _sorted(_as_records(records))
-    for method in METHODS:
+    for method in dict.fromkeys(r.method for r in recs):  # report order, each once
         rows = [r for r in recs if r.method == method]
         pts = [(r, getattr(r, metric)) for r in rows]
         pts = [
@@ -377,7 +377,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(records: Iterable[EvalRecord | Mapping[str, Any]]) -> str:
-    """A markdown table of records, sorted by method (in :data:`METHODS` order) then NFE.
+    """A markdown table of records, sorted by method (:func:`~bossflow.metrics.method_rank`) then NFE.
 
     Columns: method | NFE | MSE to reference (± s.e.) | PSNR (dB) | Fréchet | wall s | iterations.
     MSE and standard error use 3 and 2 significant digits, PSNR 2 decimals, Fréchet 4 significant
