@@ -34,9 +34,7 @@ import copy
 import json
 import math
 import os
-import pickle
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -50,8 +48,17 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
 from ..field import time_batch, time_dtype
-from ..io import atomic_write, atomic_write_bytes, atomic_write_text, ensure_dir
+from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
 from ..schedule import Schedule
+from ..training import (
+    EMA,
+    LR_SCHEDULES,
+    interpolate,
+    learning_rate,
+    load_state,
+    random_rows,
+    save_state,
+)
 from .pairs import PairStore, module_fingerprint
 
 __all__ = [
@@ -65,8 +72,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "bossflow.straighten/1"
-OBJECTIVES = ("boss", "reflow")
-LR_SCHEDULES = ("constant", "cosine")
 SELECT = ("last", "best")
 # Config fields that change the training trajectory; a checkpoint made with other values cannot
 # be resumed. (iterations also matters under a cosine schedule, which decays to 0 at the end.)
@@ -275,12 +280,7 @@ def eval_interval_error(
 
 def _learning_rate(it: int, config: StraightenConfig) -> float:
     """Linear warmup over ``warmup`` iterations, then constant or cosine decay to 0."""
-    if config.warmup and it < config.warmup:
-        return config.lr * (it + 1) / config.warmup
-    if config.lr_schedule == "cosine":
-        span = max(config.iterations - config.warmup, 1)
-        return 0.5 * config.lr * (1.0 + math.cos(math.pi * (it - config.warmup) / span))
-    return config.lr
+    return learning_rate(it, config.iterations, config.lr, config.warmup, config.lr_schedule)
 
 
 def _add_lora(
@@ -363,20 +363,6 @@ def _pairs_identity(pairs: PairStore) -> dict[str, Any]:
     }
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:  # fmt: skip
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); delete it to "
-            "start over, or pass another out_dir"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a bossflow straightening checkpoint")
-    return ckpt
-
-
 def _check_resumable(
     ckpt: dict[str, Any],
     path: Path,
@@ -416,6 +402,129 @@ def _check_resumable(
 
 
 # --------------------------------------------------------------------------------------------------
+# objectives: what one training batch is
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A straightening objective: how a batch ``(x, t, target)`` is drawn from a pair store.
+
+    ``batch(pairs, cols, times, rows, generator, device)`` gets the store, the columns ``cols``
+    (K + 1,) of the schedule's times ``times`` (K + 1,) float64, the store rows of the batch
+    (drawn by the loop) and the run's generator for any further draw; it returns float32 tensors
+    on ``device``: inputs ``x`` (B, ...), times ``t`` (B,) and regression targets shaped like ``x``.
+    """
+
+    name: str
+    batch: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    description: str
+
+
+def _boss_batch(pairs, cols, times, rows, generator, device):
+    """Paper eq. 9: a random interval k per row; target (x_{s_{k+1}} - x_{s_k}) / (s_{k+1} - s_k)."""
+    k = torch.randint(len(cols) - 1, (len(rows),), generator=generator)
+    x_k = pairs.states[rows, cols[k]].to(device, torch.float32)
+    x_next = pairs.states[rows, cols[k + 1]].to(device, torch.float32)
+    h = (times[k + 1] - times[k]).to(device, torch.float32)
+    target = (x_next - x_k) / h.view(-1, *([1] * (x_k.ndim - 1)))
+    return x_k, times[k].to(device, torch.float32), target
+
+
+def _reflow_batch(pairs, cols, times, rows, generator, device):
+    """Reflow: t ~ U[0, 1] on the straight line from the noise to the model's final sample."""
+    z = pairs.states[rows, int(cols[0])].to(device, torch.float32)
+    x_1 = pairs.states[rows, int(cols[-1])].to(device, torch.float32)
+    t = torch.rand(len(rows), generator=generator, dtype=torch.float64).to(device, torch.float32)
+    x_t, target = interpolate(z, x_1, t)
+    return x_t, t, target
+
+
+#: name -> :class:`Objective`; a new objective is one entry here.
+OBJECTIVES: dict[str, Objective] = {
+    "boss": Objective("boss", _boss_batch, "one Euler step per schedule interval (paper eq. 9)"),
+    "reflow": Objective("reflow", _reflow_batch, "straight lines noise -> sample (Liu et al.)"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the training state: what a checkpoint carries
+
+
+@dataclass
+class _TrainingState:
+    """Everything a run needs to continue exactly where it stopped, besides the model's weights.
+
+    ``best`` is ``{"iteration", "loss", "params"}`` of the lowest held-out error so far.
+    """
+
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    best: dict[str, Any] | None = None
+
+
+class _Run:
+    """The pieces of one straightening run that a checkpoint saves and restores.
+
+    Holds the model being trained, its trainable ``params`` (with their names), the optimizer, the
+    EMA, the generator and the :class:`_TrainingState`, plus the identity of the run (config,
+    schedule, pairs, base weights) that a resumed checkpoint must match.
+    """
+
+    def __init__(self, model, params, optimizer, ema, generator, identity):
+        self.model, self.params, self.optimizer = model, params, optimizer
+        self.ema, self.generator, self.identity = ema, generator, identity
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.param_names = [names[id(p)] for p in params]
+        self.state = _TrainingState()
+
+    def save(self, path: Path) -> None:
+        s = self.state
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            **self.identity,
+            "iteration": s.iteration,
+            "model": self.model.state_dict(),
+            "ema": dict(zip(self.param_names, self.ema.shadow, strict=True)) if self.ema else {},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": s.history,
+            "running": {"loss_sum": s.loss_sum, "loss_count": s.loss_count},
+            "best": s.best,
+            "wall_s": s.wall_s,
+        }
+        save_state(path, ckpt)
+        atomic_write_text(path.with_name("history.json"), json.dumps(s.history, indent=1))
+
+    def restore(self, ckpt: dict[str, Any], path: Path, device: torch.device) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])  # strict: every key, no extra one
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.ema is not None:
+                for e, name in zip(self.ema.shadow, self.param_names, strict=True):
+                    e.copy_(ckpt["ema"][name])
+            self.generator.set_state(ckpt["generator"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"{path} does not fit this model or run ({type(err).__name__}: {err}); pass "
+                "another out_dir or delete it to start over"
+            ) from None
+        best = ckpt["best"]
+        if best is not None:
+            best = {**best, "params": [t.to(device) for t in best["params"]]}
+        self.state = _TrainingState(
+            ckpt["iteration"],
+            ckpt["history"],
+            ckpt["wall_s"],
+            ckpt["running"]["loss_sum"],
+            ckpt["running"]["loss_count"],
+            best,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -441,7 +550,7 @@ def straighten(
         config: settings (defaults: :class:`StraightenConfig`).
         out_dir: folder for ``checkpoint.pt`` and ``history.json``; a run finding a checkpoint of
             the same run there resumes from it. ``None``: no files.
-        progress: show a tqdm bar with the loss.
+        progress: show a progress bar with the loss (on a terminal only).
         callback: called after every iteration with ``{"iteration", "loss", "lr", "model"}``
             (``loss`` a 0-dim tensor; ``model`` the module being trained, with its raw weights
             and, under LoRA, the peft wrapper). Raising from it stops the run; the last checkpoint
@@ -456,13 +565,15 @@ def straighten(
             pair store lacks the schedule's times.
         BossflowError: ``out_dir`` is a file, or a file cannot be written.
     """
+    from ..progress import progress_bar
+
     config = config or StraightenConfig()
     config.check()
     if not isinstance(field_module, nn.Module):
         raise ConfigError("straighten needs an nn.Module velocity field (wrap it: bossflow.field)")
+    objective = OBJECTIVES[config.objective]
     cols = torch.as_tensor(pairs.for_schedule(schedule))  # (K + 1,) store columns of s_0..s_K
     times = torch.tensor(np.array(schedule.times), dtype=torch.float64)
-    zero_col, one_col = int(cols[0]), int(cols[-1])  # t = 0 (the noise) and t = 1 (x_1)
     train_idx, heldout_idx = _holdout_indices(len(pairs), config.holdout)
     if config.select == "best" and heldout_idx.size == 0:
         raise ConfigError('select="best" needs held-out noises: set holdout > 0')
@@ -482,136 +593,73 @@ def straighten(
         params = list(model.parameters())
     if not params:
         raise ConfigError(f"{type(field_module).__name__} has no parameters to fine-tune")
-    names = {id(p): n for n, p in model.named_parameters()}
-    param_names = [names[id(p)] for p in params]
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if config.amp else nullcontext()
-
-    # state that a checkpoint carries
-    iteration, history, wall_s = 0, [], 0.0
-    best: dict[str, Any] | None = None  # {"iteration", "loss", "params": [tensors]}
-    loss_sum, loss_count = 0.0, 0
-    if ckpt_path is not None and ckpt_path.exists():
-        ckpt = _load_checkpoint(ckpt_path)
-        _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint)
-        try:
-            model.load_state_dict(ckpt["model"])  # strict: every key, no extra one
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ema is not None:
-                for e, name in zip(ema, param_names, strict=True):
-                    e.copy_(ckpt["ema"][name])
-            generator.set_state(ckpt["generator"])
-        except (KeyError, TypeError, RuntimeError, ValueError) as err:
-            raise CheckpointError(
-                f"{ckpt_path} does not fit this model or run ({type(err).__name__}: {err}); pass "
-                "another out_dir or delete it to start over"
-            ) from None
-        iteration, history, wall_s = ckpt["iteration"], ckpt["history"], ckpt["wall_s"]
-        loss_sum, loss_count = ckpt["running"]["loss_sum"], ckpt["running"]["loss_count"]
-        if ckpt["best"] is not None:
-            best = {**ckpt["best"], "params": [t.to(device) for t in ckpt["best"]["params"]]}
-
-    @contextmanager
-    def ema_weights() -> Iterator[None]:
-        """Evaluate with the EMA weights swapped in (the raw ones are restored afterwards)."""
-        if ema is None:
-            yield
-            return
-        raw = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, ema, strict=True):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, r in zip(params, raw, strict=True):
-                    p.copy_(r)
-
-    def record(lr: float) -> None:
-        """Append the training loss since the last record and the held-out error to history."""
-        nonlocal loss_sum, loss_count, best
-        heldout = None
-        if heldout_idx.size:
-            with ema_weights():
-                heldout = eval_interval_error(
-                    model, pairs, schedule, heldout_idx, config.eval_batch_size
-                )
-                if best is None or heldout < best["loss"]:
-                    snapshot = [p.detach().clone() for p in params]
-                    best = {"iteration": iteration, "loss": heldout, "params": snapshot}
-        train_loss = loss_sum / loss_count if loss_count else None
-        if train_loss is not None and not math.isfinite(train_loss):
-            raise ConfigError(
-                f"the training loss became {train_loss} by iteration {iteration}; lower lr or "
-                "check the pairs"
-            )
-        history.append(
-            {"iteration": iteration, "train_loss": train_loss, "heldout_loss": heldout, "lr": lr}
-        )
-        loss_sum, loss_count = 0.0, 0
-
-    def save_checkpoint() -> None:
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "iteration": iteration,
+    run = _Run(
+        model,
+        params,
+        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        EMA(params, config.ema_decay) if config.ema_decay > 0 else None,
+        generator,
+        {
             "config": asdict(config),
             "schedule": schedule.to_dict(),
             "pairs": _pairs_identity(pairs),
             "base_fingerprint": base_fingerprint,
-            "model": model.state_dict(),
-            "ema": dict(zip(param_names, ema, strict=True)) if ema is not None else {},
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "history": history,
-            "running": {"loss_sum": loss_sum, "loss_count": loss_count},
-            "best": best,
-            "wall_s": wall_s,
-        }
-        atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
-        atomic_write_text(ckpt_path.with_name("history.json"), json.dumps(history, indent=1))
+        },
+    )
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
+        _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint)
+        run.restore(ckpt, ckpt_path, device)
+    state = run.state
 
-    def batch() -> tuple[Tensor, Tensor, Tensor]:
-        """One batch ``(x, t, target)`` of the chosen objective, drawn from ``generator``."""
-        pick = torch.randint(len(train_idx), (config.batch_size,), generator=generator)
-        m = train_idx[pick.numpy()]  # sample indices in the store
-        if config.objective == "boss":
-            k = torch.randint(len(cols) - 1, (config.batch_size,), generator=generator)
-            x_k = pairs.states[m, cols[k]].to(device, torch.float32)
-            x_next = pairs.states[m, cols[k + 1]].to(device, torch.float32)
-            h = (times[k + 1] - times[k]).to(device, torch.float32)
-            target = (x_next - x_k) / h.view(-1, *([1] * (x_k.ndim - 1)))
-            return x_k, times[k].to(device, torch.float32), target
-        z = pairs.states[m, zero_col].to(device, torch.float32)
-        x_1 = pairs.states[m, one_col].to(device, torch.float32)
-        t = torch.rand(config.batch_size, generator=generator, dtype=torch.float64)
-        t = t.to(device, torch.float32)
-        tb = t.view(-1, *([1] * (z.ndim - 1)))
-        return tb * x_1 + (1.0 - tb) * z, t, x_1 - z
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if config.amp else nullcontext()
 
-    if iteration == 0:
-        record(_learning_rate(0, config))  # the pretrained model's held-out error: the baseline
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=config.iterations,
-            initial=iteration,
-            desc=f"straighten ({config.objective}{', LoRA' if config.lora_rank else ''})",
+    def record(lr: float) -> None:
+        """Append the training loss since the last record and the held-out error to history."""
+        heldout = None
+        if heldout_idx.size:
+            with run.ema.applied() if run.ema is not None else nullcontext():
+                heldout = eval_interval_error(
+                    model, pairs, schedule, heldout_idx, config.eval_batch_size
+                )
+                if state.best is None or heldout < state.best["loss"]:
+                    snapshot = [p.detach().clone() for p in params]
+                    state.best = {"iteration": state.iteration, "loss": heldout, "params": snapshot}
+        train_loss = state.loss_sum / state.loss_count if state.loss_count else None
+        if train_loss is not None and not math.isfinite(train_loss):
+            raise ConfigError(
+                f"the training loss became {train_loss} by iteration {state.iteration}; lower lr "
+                "or check the pairs"
+            )
+        state.history.append(
+            {
+                "iteration": state.iteration,
+                "train_loss": train_loss,
+                "heldout_loss": heldout,
+                "lr": lr,
+            }
         )
+        state.loss_sum, state.loss_count = 0.0, 0
+
+    if state.iteration == 0:
+        record(_learning_rate(0, config))  # the pretrained model's held-out error: the baseline
+    bar = progress_bar(
+        total=config.iterations,
+        initial=state.iteration,
+        desc=f"straighten ({config.objective}{', LoRA' if config.lora_rank else ''})",
+        enabled=progress,
+    )
     shown = None  # smoothed loss for the progress bar
     start_time = time.perf_counter()
     try:
-        while iteration < config.iterations:
-            lr = _learning_rate(iteration, config)
-            for group in optimizer.param_groups:
+        while state.iteration < config.iterations:
+            lr = _learning_rate(state.iteration, config)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            x, t, target = batch()
+            rows = random_rows(train_idx, config.batch_size, generator)
+            x, t, target = objective.batch(pairs, cols, times, rows, generator, device)
             with autocast():
                 pred = model(x.to(dtype), t.to(time_dtype(x)))  # times at least float32
             if pred.shape != target.shape:  # mse_loss would broadcast silently
@@ -619,55 +667,53 @@ def straighten(
                     f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
                 )
             loss = F.mse_loss(pred.float(), target)  # float32 whatever the model's dtype
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            iteration += 1
-            if ema is not None:
-                decay = min(config.ema_decay, iteration / (iteration + 9))  # (1 + n) / (10 + n)
-                with torch.no_grad():
-                    for e, p in zip(ema, params, strict=True):
-                        e.lerp_(p, 1.0 - decay)
+            run.optimizer.step()
+            if run.ema is not None:
+                run.ema.update(state.iteration)
+            state.iteration += 1
             # note: float(loss) is a device sync; cheap next to a step of any real model
             loss_value = float(loss.detach())
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            state.loss_sum, state.loss_count = state.loss_sum + loss_value, state.loss_count + 1
             if callback is not None:
-                callback({"iteration": iteration, "loss": loss.detach(), "lr": lr, "model": model})
-            last = iteration == config.iterations
-            if last or (config.eval_every and iteration % config.eval_every == 0):
+                callback(
+                    {"iteration": state.iteration, "loss": loss.detach(), "lr": lr, "model": model}
+                )
+            last = state.iteration == config.iterations
+            if last or (config.eval_every and state.iteration % config.eval_every == 0):
                 record(lr)
-            if bar is not None:
-                shown = loss_value if shown is None else 0.9 * shown + 0.1 * loss_value
-                bar.set_postfix(loss=f"{shown:.4g}", refresh=False)
-                bar.update(1)
+            shown = loss_value if shown is None else 0.9 * shown + 0.1 * loss_value
+            bar.set_postfix(loss=f"{shown:.4g}", refresh=False)
+            bar.update(1)
             if ckpt_path is not None and (
-                last or (config.checkpoint_every and iteration % config.checkpoint_every == 0)
+                last or (config.checkpoint_every and state.iteration % config.checkpoint_every == 0)
             ):
-                wall_s += time.perf_counter() - start_time
+                state.wall_s += time.perf_counter() - start_time
                 start_time = time.perf_counter()
-                save_checkpoint()
+                run.save(ckpt_path)
     finally:
-        if bar is not None:
-            bar.close()
-    wall_s += time.perf_counter() - start_time
+        bar.close()
+    state.wall_s += time.perf_counter() - start_time
 
     # the weights to return: the best recorded, else the EMA, else the raw ones
-    with torch.no_grad():
-        chosen = best["params"] if config.select == "best" else ema
-        if chosen is not None:
-            for p, value in zip(params, chosen, strict=True):
+    if config.select == "best":
+        with torch.no_grad():
+            for p, value in zip(params, state.best["params"], strict=True):
                 p.copy_(value)
+    elif run.ema is not None:
+        run.ema.copy_to()
     if config.lora_rank > 0:
         model = model.merge_and_unload()  # plain layers, adapters folded into the weights
     model.requires_grad_(True).eval()
     return StraightenResult(
         module=model,
-        history=history,
-        iterations=iteration,
-        best_iteration=best["iteration"] if best is not None else None,
-        wall_s=wall_s,
+        history=state.history,
+        iterations=state.iteration,
+        best_iteration=state.best["iteration"] if state.best is not None else None,
+        wall_s=state.wall_s,
         config=config,
         schedule=schedule,
         heldout_indices=[int(i) for i in heldout_idx],
