@@ -74,16 +74,33 @@ class EMA:
         tensors: the tensors to average; their current values start the average.
         decay: the largest decay (e.g. 0.999).
         copy: tensors whose average is simply their latest value (buffers), optional.
+        shadow: tensors that hold the averages (e.g. the parameters of a copy of the model, so
+            the copy *is* the averaged model), each shaped like its tensor and already equal to
+            it; default: fresh clones.
+        shadow_copied: the same for ``copy``.
     """
 
-    def __init__(self, tensors: Iterable[Tensor], decay: float, copy: Iterable[Tensor] = ()):
+    def __init__(
+        self,
+        tensors: Iterable[Tensor],
+        decay: float,
+        copy: Iterable[Tensor] = (),
+        shadow: Iterable[Tensor] | None = None,
+        shadow_copied: Iterable[Tensor] | None = None,
+    ):
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"the EMA decay must be in [0, 1), got {decay}")
         self.tensors = list(tensors)
         self.copied = list(copy)
         self.decay = float(decay)
-        self.shadow = [t.detach().clone() for t in self.tensors]
-        self.shadow_copied = [t.detach().clone() for t in self.copied]
+        self.shadow = [t.detach().clone() for t in self.tensors] if shadow is None else list(shadow)
+        self.shadow_copied = (
+            [t.detach().clone() for t in self.copied]
+            if shadow_copied is None
+            else list(shadow_copied)
+        )
+        if len(self.shadow) != len(self.tensors) or len(self.shadow_copied) != len(self.copied):
+            raise ConfigError("an EMA needs one shadow tensor per averaged tensor")
 
     def decay_at(self, n: int) -> float:
         """The decay used by the ``n``-th update (0-based)."""
