@@ -223,9 +223,65 @@ def test_write_report(tmp_path):
     assert markdown_table(records()) in text
     for name in ("error_vs_nfe.png", "schedules.png", "samples.png"):
         assert f"]({name})" in text
-    assert '"model": "digits-unet"' in text
+    assert "- model: digits-unet" in text and "[results.json](results.json)" in text
     assert "| bellman | 4 |" in text  # schedule times table
     assert read_results(out / "results.json")[1] == {"model": "digits-unet", "seed": 0}
+    # every image is linked, and results.json (the completion mark) is the last file written
+    for png in out.glob("*.png"):
+        assert f"]({png.name})" in text
+    last = max(out.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert last.name == "results.json"
+
+
+def test_failure_while_writing_the_report_leaves_no_results_json(tmp_path, monkeypatch):
+    import bossflow.report as report
+
+    out = tmp_path / "out"
+    write_report(out, records())  # an earlier, complete run
+    assert (out / "results.json").exists()
+    real = report.atomic_write_text
+
+    def killed(path, text):
+        if str(path).endswith("report.md"):
+            raise BossflowError("disk full (simulated)")
+        return real(path, text)
+
+    monkeypatch.setattr(report, "atomic_write_text", killed)
+    with pytest.raises(BossflowError, match="disk full"):
+        write_report(out, records()[:3])
+    assert not (out / "results.json").exists()
+
+
+def test_reference_is_a_horizontal_line_and_plots_have_titles(tmp_path, monkeypatch):
+    import bossflow.report as report
+
+    figures = []
+    real = report._save_figure
+    monkeypatch.setattr(
+        report, "_save_figure", lambda fig, p: (figures.append(fig), real(fig, p))[1]
+    )
+    plot_error_vs_nfe(records(), tmp_path / "f.png", metric="frechet")
+    plot_schedules({"uniform": uniform(4)}, tmp_path / "s.png")
+    ax = figures[0].axes[0]
+    assert ax.get_xlim()[1] < 20  # NFE 1000 of the reference does not stretch the x axis
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "reference (1000 steps)" in labels and "boss" in labels
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [1.5]
+    assert "Fréchet" in ax.get_title() and figures[1].axes[0].get_title()
+
+
+def test_report_on_points_and_on_shapes_it_cannot_draw(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    points = {m: torch.randn(20, 2, generator=g) for m in ("uniform", "reference")}
+    path = write_report(tmp_path / "pts", records(), samples=points)
+    assert "](samples.png)" in path.read_text()
+    with Image.open(tmp_path / "pts" / "samples.png") as im:
+        assert im.width > 100
+    volumes = {m: torch.randn(4, 2, 4, 4, generator=g) for m in ("uniform", "reference")}
+    path = write_report(tmp_path / "vol", records(), samples=volumes)
+    assert not (tmp_path / "vol" / "samples.png").exists()
+    assert "samples.png not drawn" in path.read_text()
+    assert (tmp_path / "vol" / "results.json").exists()
 
 
 def test_output_path_that_is_a_file(tmp_path):

@@ -34,6 +34,7 @@ __all__ = [
     "save_grid",
     "save_comparison_grid",
     "plot_schedules",
+    "plot_points",
     "plot_error_vs_nfe",
     "markdown_table",
     "write_results",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 _RESULTS_FORMAT = "bossflow.results/1"
+#: The label of a fine reference solve's own row: drawn as a horizontal line in plots.
+REFERENCE_LABEL = "reference"
 _PLOT_METRICS = ("mse_to_reference", "psnr", "frechet")
 _METRIC_LABELS = {
     "mse_to_reference": "MSE to reference (per dimension)",
@@ -265,12 +268,17 @@ def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, data)
 
 
-def plot_schedules(schedules: Mapping[str, Schedule], path: str | os.PathLike) -> Path:
+def plot_schedules(
+    schedules: Mapping[str, Schedule],
+    path: str | os.PathLike,
+    title: str = "Schedules: time t_k after k steps",
+) -> Path:
     """Plot each schedule's time ``t_k`` against its step index ``k`` (one line per schedule).
 
     Args:
         schedules: label -> :class:`~bossflow.schedule.Schedule`.
         path: output PNG file.
+        title: the plot's title.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -290,8 +298,47 @@ def plot_schedules(schedules: Mapping[str, Schedule], path: str | os.PathLike) -
     ax.set_xlabel("step index k")
     ax.set_ylabel("time t_k (0 = noise, 1 = data)")
     ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_points(
+    rows: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    title: str = "Samples",
+    max_points: int = 2000,
+) -> Path:
+    """Scatter plot of 2-D point samples, one colour per entry (e.g. per method).
+
+    Args:
+        rows: label -> (B, 2) samples.
+        path: output PNG file.
+        title: the plot's title.
+        max_points: at most this many points of each entry are drawn.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    if not isinstance(rows, Mapping) or not rows:
+        raise ConfigError("rows must be a non-empty mapping of label -> (B, 2) points")
+    for label, x in rows.items():
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ConfigError(f"points {label!r} must be a tensor shaped (B, 2), got {shape}")
+    fig = _figure(5.0, 5.0)
+    ax = fig.add_subplot()
+    for label, x in rows.items():
+        pts = x[:max_points].detach().cpu().double().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=str(label))
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(rows) > 1:
+        ax.legend(markerscale=3)
     return _save_figure(fig, path)
 
 
@@ -318,18 +365,22 @@ def plot_error_vs_nfe(
     records: Iterable[EvalRecord | Mapping[str, Any]],
     path: str | os.PathLike,
     metric: str = "mse_to_reference",
+    title: str | None = None,
 ) -> Path:
     """Plot a metric against NFE, one line per method.
 
     The y axis is logarithmic for ``mse_to_reference`` and ``frechet`` (points that are zero,
     missing or non-finite cannot be drawn there and are left out, which drops the ``reference``
     row's zero error) and linear for ``psnr``. ``mse_to_reference`` gets error bars of one standard
-    error (``mse_stderr``).
+    error (``mse_stderr``). Rows labelled ``reference`` (a fine solve with hundreds of steps) are
+    drawn as horizontal dashed lines, not as points at their NFE, which would squeeze every other
+    method against the y axis.
 
     Args:
         records: :class:`~bossflow.metrics.EvalRecord` objects or their dicts.
         path: output PNG file.
         metric: ``"mse_to_reference"``, ``"psnr"`` or ``"frechet"``.
+        title: the plot's title (default: the metric against NFE).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -341,6 +392,7 @@ def plot_error_vs_nfe(
     ax = fig.add_subplot()
     nfes: set[int] = set()
     recs = _sorted(_as_records(records))
+    drawn = False
     for method in dict.fromkeys(r.method for r in recs):  # report order, each once
         rows = [r for r in recs if r.method == method]
         pts = [(r, getattr(r, metric)) for r in rows]
@@ -348,6 +400,13 @@ def plot_error_vs_nfe(
             (r, v) for r, v in pts if v is not None and math.isfinite(v) and (v > 0 or not log_y)
         ]
         if not pts:
+            continue
+        drawn = True
+        if method == REFERENCE_LABEL:
+            for r, v in pts:
+                ax.axhline(
+                    v, color="black", linestyle="--", linewidth=1, label=f"{method} ({r.nfe} steps)"
+                )
             continue
         x = [r.nfe for r, _ in pts]
         y = [v for _, v in pts]
@@ -360,9 +419,11 @@ def plot_error_vs_nfe(
         ax.set_yscale("log")
     if nfes:
         ax.set_xticks(sorted(nfes))
+    if drawn:
         ax.legend()
     ax.set_xlabel("NFE")
     ax.set_ylabel(_METRIC_LABELS[metric])
+    ax.set_title(title or f"{_METRIC_LABELS[metric]} vs NFE")
     ax.grid(True, which="both", alpha=0.3)
     return _save_figure(fig, path)
 
@@ -512,6 +573,18 @@ def read_results(path: str | os.PathLike) -> tuple[list[EvalRecord], dict[str, A
 
 
 # -- the report ---------------------------------------------------------------------------------
+def _sample_kind(rows: Mapping[str, Tensor]) -> str:
+    """``"images"`` ((B, C, H, W), C = 1 or 3), ``"points"`` ((B, 2)) or ``"other"``."""
+    shapes = {tuple(x.shape[1:]) for x in rows.values() if isinstance(x, Tensor)}
+    if len(shapes) == 1:
+        (shape,) = shapes
+        if len(shape) == 3 and shape[0] in (1, 3):
+            return "images"
+        if shape == (2,):
+            return "points"
+    return "other"
+
+
 def write_report(
     out_dir: str | os.PathLike,
     records: Sequence[EvalRecord | Mapping[str, Any]],
@@ -520,28 +593,37 @@ def write_report(
     extra: Mapping[str, Any] | None = None,
     title: str = "bossflow report",
     scale: int = 8,
+    more_samples: Mapping[str, tuple[str, Mapping[str, Tensor]]] | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write a complete report into ``out_dir`` and return the path of ``report.md``.
 
-    Files written (each atomically; the folder is created if needed):
+    Files written (each atomically; the folder is created if needed), in this order:
 
-    - ``results.json``: :func:`write_results` of ``records`` and ``extra``;
     - ``error_vs_nfe.png``: :func:`plot_error_vs_nfe` of the MSE to the reference;
     - ``frechet_vs_nfe.png``: the same for the Fréchet distance, if any record has one;
     - ``schedules.png``: :func:`plot_schedules`, if ``schedules`` is given;
-    - ``samples.png``: :func:`save_comparison_grid` of ``samples``, if given;
-    - ``report.md``: the title, :func:`markdown_table`, the images above, each schedule's times and
-      ``extra`` as provenance. It is written last, so its presence means the report is complete.
+    - ``samples.png``: :func:`save_comparison_grid` of ``samples`` if they are images (1 or 3
+      channels), :func:`plot_points` if they are 2-D points; other shapes are not drawn (a note
+      in the report says so);
+    - one PNG per entry of ``more_samples``, drawn the same way;
+    - ``report.md``: the title, :func:`markdown_table`, the notes, every image above, each
+      schedule's times and a short provenance (its scalar entries);
+    - ``results.json`` *last*: :func:`write_results` of ``records`` and ``extra`` (the full
+      provenance). Its presence marks a complete report: a run killed before the end leaves no
+      ``results.json`` (one from an earlier run in ``out_dir`` is removed first).
 
     Args:
         out_dir: output folder (a clear :class:`~bossflow.errors.BossflowError` if it is a file).
         records: the evaluation records.
         schedules: name -> schedule to plot and list.
-        samples: method label -> (B, C, H, W) samples from the same noises, one grid row each.
-        extra: provenance (model, data, seeds, settings, versions), stored in ``results.json`` and
-            shown in ``report.md``.
+        samples: method label -> samples from the same noises, one grid row (or one colour) each.
+        extra: provenance (model, data, seeds, settings, versions), stored in ``results.json``;
+            its strings and numbers are also listed in ``report.md``.
         title: the report's heading.
-        scale: upscaling factor of the sample grid.
+        scale: upscaling factor of the sample grids.
+        more_samples: more sample figures: file name -> (caption, rows like ``samples``).
+        notes: lines shown under the results (e.g. what was skipped and why).
 
     Returns:
         Path of ``report.md``.
@@ -549,14 +631,18 @@ def write_report(
     out = ensure_dir(out_dir)
     recs = _sorted(_as_records(records))
     extra = dict(extra or {})
-    # Fail before writing anything if the plotting extra is missing.
+    notes = list(notes)
+    # Fail before writing anything if the plotting extra is missing or extra cannot be stored.
     require("matplotlib", "plots", "plots")
     require("PIL", "plots", "sample grids")
+    provenance = _jsonable(extra, "extra")
+    (out / "results.json").unlink(missing_ok=True)  # written again last, when all is complete
 
-    write_results(recs, out / "results.json", extra)
     images: list[tuple[str, str]] = []
     if recs:
-        plot_error_vs_nfe(recs, out / "error_vs_nfe.png")
+        plot_error_vs_nfe(
+            recs, out / "error_vs_nfe.png", title="Error against the reference solve vs NFE"
+        )
         images.append(("Error against the reference solve vs NFE", "error_vs_nfe.png"))
         if any(r.frechet is not None and math.isfinite(r.frechet) for r in recs):
             plot_error_vs_nfe(recs, out / "frechet_vs_nfe.png", metric="frechet")
@@ -564,16 +650,37 @@ def write_report(
     if schedules:
         plot_schedules(schedules, out / "schedules.png")
         images.append(("Schedules", "schedules.png"))
+    figures = []
     if samples:
-        save_comparison_grid(samples, out / "samples.png", scale=scale)
-        images.append(("Samples (one row per method, same noise in each column)", "samples.png"))
+        caption = "Samples (one row per method, same noise in each column)"
+        figures.append(("samples.png", caption, samples))
+    figures += [(name, caption, rows) for name, (caption, rows) in (more_samples or {}).items()]
+    for name, caption, rows in figures:
+        kind = _sample_kind(rows)
+        if kind == "images":
+            save_comparison_grid(rows, out / name, scale=scale)
+        elif kind == "points":
+            plot_points(rows, out / name, title=caption)
+            caption = caption.replace(
+                "one row per method, same noise in each column", "one colour per method"
+            )
+        else:
+            shapes = sorted({tuple(x.shape[1:]) for x in rows.values()})
+            notes.append(
+                f"{name} not drawn: samples shaped {', '.join(str(s) for s in shapes)} are neither "
+                "1- or 3-channel images nor 2-D points"
+            )
+            continue
+        images.append((caption, name))
 
     parts = [f"# {title}\n", "## Results\n", markdown_table(recs) if recs else "No records.\n"]
     parts.append(
         "MSE: mean squared error per dimension against the reference solve from the same noise "
         "(± one standard error over samples); PSNR from the mean MSE; Fréchet: distance to "
-        "held-out data in the feature space given in the provenance below.\n"
+        "held-out data in the feature space named in results.json.\n"
     )
+    if notes:
+        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     for caption, name in images:
         parts.append(f"## {caption}\n\n![{caption}]({name})\n")
     if schedules:
@@ -584,5 +691,17 @@ def write_report(
         ]
         parts.append("## Schedule times\n\n" + "\n".join(table) + "\n")
     parts.append("## Provenance\n")
-    parts.append("```json\n" + json.dumps(_jsonable(extra, "extra"), indent=2) + "\n```\n")
-    return atomic_write_text(out / "report.md", "\n".join(parts))
+    short = [
+        f"- {key}: {_fmt(value, '.4g') if isinstance(value, float) else value}"
+        for key, value in provenance.items()
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    ]
+    parts.append(
+        "\n".join(short)
+        + ("\n\n" if short else "")
+        + "The full provenance (settings, versions, timings, training histories) is in "
+        "[results.json](results.json).\n"
+    )
+    report = atomic_write_text(out / "report.md", "\n".join(parts))
+    write_results(recs, out / "results.json", extra)
+    return report
