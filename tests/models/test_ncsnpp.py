@@ -1,7 +1,7 @@
 """NCSN++ / DDPM++ and the Rectified Flow checkpoint loader.
 
-Parity is checked against the fixtures in ``../shared/fixtures/rectified_flow`` (made by running the
-original code): state-dict layouts of the five released configs, and outputs of a tiny checkpoint.
+Parity is checked against the fixtures in ``tests/fixtures/rectified_flow`` (a copy of the
+project's shared fixtures, made by running the original code): state-dict layouts of the five released configs, and outputs of a tiny checkpoint.
 The 256x256 options (FIR resampling, Fourier embedding, progressive paths, scale_by_sigma,
 uncentered data) are checked against hand-computed values on small inputs.
 """
@@ -28,11 +28,8 @@ from bossflow.models.ncsnpp import (
     upsample_conv_2d,
 )
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "rectified_flow"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(),
-    reason=f"Rectified Flow fixtures not found at {FIXTURES} (shared/ must sit beside the repo)",
-)
+# A copy of the shared reference fixtures, kept in the repository so a clone anywhere runs them.
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "rectified_flow"
 TINY_CKPT = FIXTURES / "tiny_cifar_like_checkpoint.pth"
 MANIFESTS = {
     "cifar10": "manifest_cifar10.json",
@@ -82,7 +79,6 @@ def randomize_(net: nn.Module, seed: int = 0) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", list(MANIFESTS))
 def test_builtin_config_matches_manifest(name):
     manifest = json.loads((FIXTURES / MANIFESTS[name]).read_text())
@@ -135,7 +131,6 @@ def test_builtin_configs_data_conventions():
 # --------------------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("weights", ["ema", "model"])
 def test_tiny_checkpoint_reproduces_reference_outputs(weights):
     io = tiny_io()
@@ -155,7 +150,6 @@ def test_tiny_checkpoint_reproduces_reference_outputs(weights):
     torch.testing.assert_close(v, (1 - eps) * io[f"out_{weights}"], rtol=1e-4, atol=1e-4)
 
 
-@needs_fixtures
 def test_loads_dicts_bare_state_dicts_and_resaved_files(tmp_path):
     io = tiny_io()
     ckpt = torch.load(TINY_CKPT, weights_only=False)  # the test's own fixture: trusted
@@ -180,8 +174,6 @@ def test_loads_dicts_bare_state_dicts_and_resaved_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt() -> dict:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"Rectified Flow fixtures not found at {FIXTURES}")
     return torch.load(TINY_CKPT, weights_only=False)
 
 

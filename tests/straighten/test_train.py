@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -217,14 +218,15 @@ def test_a_failing_write_leaves_no_file_that_looks_complete(setup, tmp_path, mon
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(RuntimeError, match="disk full"):
+    # one clear error naming the file, not torch's RuntimeError
+    with pytest.raises(BossflowError, match=r"could not write .*checkpoint.pt: disk full \(is the"):
         straighten(field, train, schedule, config(iterations=4), out_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # no checkpoint.pt, no temporary file
 
     monkeypatch.setattr(torch, "save", real_save)
     straighten(field, train, schedule, config(iterations=4), out_dir=tmp_path, progress=False)
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(BossflowError, match="could not write .*checkpoint.pt: disk full"):
         straighten(field, train, schedule, config(iterations=8), out_dir=tmp_path, progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "history.json"]
@@ -259,7 +261,23 @@ def test_interval_error_is_zero_on_straight_paths_and_matches_a_direct_sum(tmp_p
 
 def test_amp_and_cosine_schedule_run(setup):
     field, schedule, train, _ = setup
+    seen: list[tuple[bool, torch.dtype]] = []  # (training?, output dtype) of the first layer
+
+    def watch(module, inputs, output):
+        seen.append((module.training, output.dtype))
+
+    hook = field.net[0].register_forward_hook(watch)  # deep-copied with it by straighten
     cfg = config(iterations=6, warmup=2, amp=True, lr_schedule="cosine", holdout=8)
-    result = straighten(field, train, schedule, cfg, progress=True)
+    try:
+        result = straighten(field, train, schedule, cfg, progress=True)
+        seen_amp = list(seen)
+        seen.clear()
+        straighten(field, train, schedule, replace(cfg, amp=False), progress=False)
+    finally:
+        hook.remove()
     assert np.isfinite(result.history[-1]["train_loss"])
     assert result.history[-1]["lr"] < cfg.lr
+    # the training forwards ran under bfloat16 autocast; the held-out checks in float32
+    assert [dtype for training, dtype in seen_amp if training] == [torch.bfloat16] * 6
+    assert {dtype for training, dtype in seen_amp if not training} == {torch.float32}
+    assert {dtype for _, dtype in seen} == {torch.float32}  # amp=False: no autocast
