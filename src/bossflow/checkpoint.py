@@ -1,13 +1,31 @@
-"""Strict state-dict comparison shared by every loader (shipped models, user modules, Rectified Flow)."""
+"""What every loader and resumable job shares: strict state-dict comparison, weight fingerprints
+and reading torch files without running pickled code.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
+import numpy as np
+import torch
+from torch import Tensor, nn
 
-__all__ = ["state_dict_problems", "listing", "shape_of"]
+from .errors import CheckpointError
+
+__all__ = [
+    "state_dict_problems",
+    "listing",
+    "shape_of",
+    "module_fingerprint",
+    "noise_fingerprint",
+    "load_torch_weights",
+    "refused_global",
+]
 
 
 def listing(items: list[str], limit: int = 12) -> str:
@@ -49,3 +67,96 @@ def state_dict_problems(
     if wrong:
         problems.append(f"wrong shapes: {listing(wrong)}")
     return problems
+
+
+def module_fingerprint(module: Any) -> str | None:
+    """A short fingerprint of a module's weights, or ``None`` for a plain callable.
+
+    Hashes every state-dict entry's name, shape and dtype, its first 64 values and its float64 sum
+    (printed to 8 significant digits, so the same weights on another device give the same
+    fingerprint). Cheap even for large models: it never copies a whole tensor to the CPU.
+    """
+    if not isinstance(module, nn.Module):
+        return None
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if not isinstance(value, Tensor):
+                continue
+            flat = value.detach().reshape(-1)
+            head = flat[:64].to("cpu", torch.float64).numpy()
+            total = float(flat.double().sum()) if flat.numel() else 0.0
+            h.update(f"{name}|{tuple(value.shape)}|{value.dtype}|{total:.8e}|".encode())
+            h.update(np.ascontiguousarray(head).tobytes())
+    return h.hexdigest()[:16]
+
+
+def noise_fingerprint(first: Tensor) -> str:
+    """Fingerprint of noise sample 0, so a resumed run notices another seed or noise tensor."""
+    arr = first.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
+# What torch's weights-only unpickler says when it stops at a global it will not import or call
+# (torch 2.4 .. 2.13 wordings); group 1 is the global's name.
+_REFUSAL_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"reduce for unrecognized function (.+?)(?: which belongs to .*)?$", re.M),
+    re.compile(r"allowlisted via `add_safe_globals`,? but got (?:<class '([^']+)'>|(\S+))"),
+)
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The global (``module.name``) a weights-only ``torch.load`` refused, or ``None``.
+
+    ``None`` means ``err`` is not such a refusal (a truncated or foreign file, say).
+    """
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    text = str(err)
+    for pattern in _REFUSAL_PATTERNS:
+        found = pattern.search(text)
+        if found:
+            name = next(g for g in found.groups() if g).strip().rstrip(".")
+            # torch prints builtins without their module ("print" for builtins.print)
+            return name if "." in name or name.startswith("<") else f"builtins.{name}"
+    return None
+
+
+def load_torch_weights(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    allow: Sequence[Any] = (),
+    hint: str = "",
+) -> Any:
+    """``torch.load(path, weights_only=True)``, refusing pickled code with a clear message.
+
+    Args:
+        path: the file.
+        map_location: passed to ``torch.load``.
+        allow: extra globals the file may hold (``torch.serialization.safe_globals`` entries).
+        hint: appended to the refusal message (e.g. how to load a trusted file instead).
+
+    Returns:
+        What ``torch.load`` returned.
+
+    Raises:
+        CheckpointError: the file holds a pickled global that weights-only loading refuses (the
+            message names it). Any other failure of ``torch.load`` propagates unchanged, for the
+            caller to word.
+    """
+    try:
+        if allow:
+            with torch.serialization.safe_globals(list(allow)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = refused_global(err)
+        if name is None:
+            raise
+        raise CheckpointError(
+            f"{path} was refused: it holds pickled Python code/objects (blocked global: {name}) "
+            "that bossflow does not run; re-save the weights as a plain state dict or "
+            f".safetensors{hint}"
+        ) from None

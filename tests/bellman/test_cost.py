@@ -157,3 +157,101 @@ def test_dtype_follows_input():
     z32 = torch.randn(4, 6)
     cm = cost_matrix(SpiralField(), z32, grid=5)
     assert cm.values.dtype == np.float64
+
+
+class Scaled(torch.nn.Module):
+    """v = a x with a learnable scalar ``a``: two instances differ only in their weights."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+    def forward(self, x, t):
+        return self.a * x
+
+
+def test_cache_made_by_another_model_is_refused(noise, tmp_path):
+    cache = tmp_path / "cost.npz"
+    a = cost_matrix(Scaled(0.5), noise[:12], grid=6, cache=cache)
+    assert a.identity["model_fingerprint"] is not None
+    # run B asks for more samples in the same folder: it used to add its samples to A's sums
+    with pytest.raises(CheckpointError, match=r"another model.*model weights \(fingerprint\)"):
+        cost_matrix(Scaled(0.7), noise, grid=6, cache=cache)
+    with pytest.raises(CheckpointError, match="delete .*cost.npz to recompute"):
+        cost_matrix(Scaled(0.7), noise[:12], grid=6, cache=cache)  # or reuse A's finished one
+    assert CostMatrix.load(cache).count == 12  # A's cache is left as it was
+    resumed = cost_matrix(Scaled(0.5), noise, grid=6, cache=cache)  # the same model resumes
+    np.testing.assert_allclose(resumed.values, cost_matrix(Scaled(0.5), noise, grid=6).values)
+
+
+def test_cache_made_from_other_noise_or_seed_is_refused(noise, tmp_path):
+    cache = tmp_path / "cost.npz"
+    cost_matrix(SpiralField(), noise[:12], grid=6, cache=cache)
+    with pytest.raises(CheckpointError, match=r"noise \(fingerprint of sample 0\)"):
+        cost_matrix(SpiralField(), noise.flip(0), grid=6, cache=cache)  # no seed in meta
+    with pytest.raises(CheckpointError, match="noise dtype"):
+        cost_matrix(SpiralField(), noise.float(), grid=6, cache=cache)
+    cache = tmp_path / "seeded.npz"
+    cost_matrix(SpiralField(), NoiseSource((2, 3), seed=1), grid=6, samples=4, cache=cache)
+    with pytest.raises(CheckpointError, match="seed: 1 there, 2 now"):
+        cost_matrix(SpiralField(), NoiseSource((2, 3), seed=2), grid=6, samples=8, cache=cache)
+    with pytest.raises(CheckpointError, match="another metric"):
+        cost_matrix(SpiralField(), NoiseSource((2, 3), seed=1), grid=6, samples=8, cache=cache,
+                    metric="l1")  # fmt: skip
+
+
+def _rewrite(path, **changes):
+    """Rewrite fields of a saved cost-matrix cache."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.update(changes)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: {"count": np.int64(-3)}, "sample count -3 is not a whole number >= 0"),
+        (lambda s: {"count": np.float64(12.5)}, "sample count 12.5 is not a whole number"),
+        (lambda s: {"count": np.int64(0)}, "counts 0 samples but holds non-zero sums"),
+        (lambda s: {"sum": -s["sum"]}, "negative cost sums"),
+        (lambda s: {"sumsq": -s["sumsq"]}, "negative cost sums"),
+        (lambda s: {"sum": s["sum"] * np.nan}, "sum holds NaN or infinite values"),
+        (lambda s: {"meta": np.str_("[1, 2]")}, "its meta is not a JSON object"),
+        (lambda s: {"meta": np.str_("{not json")}, "its meta is not a JSON object"),
+        (lambda s: {"identity": np.str_("3")}, "its identity is not a JSON object"),
+        (lambda s: {"grid": s["grid"][::-1].copy()}, "its grid is not a valid schedule"),
+        (lambda s: {"grid": np.float64(0.5)}, "not a list of times"),
+        (lambda s: {"sum": s["sum"][:2]}, r"sum is a float64 array of shape \(2, 7\)"),
+    ],
+)
+def test_invalid_cache_values_are_refused(noise, tmp_path, change, message):
+    cache = tmp_path / "cost.npz"
+    cost_matrix(SpiralField(), noise[:12], grid=6, cache=cache)
+    with np.load(cache) as data:
+        _rewrite(cache, **change({k: data[k] for k in data.files}))
+    with pytest.raises(CheckpointError, match=message + ".*delete it to recompute"):
+        CostMatrix.load(cache)
+    with pytest.raises(CheckpointError, match=message):  # a resumed run: no traceback either
+        cost_matrix(SpiralField(), noise, grid=6, cache=cache)
+
+
+def test_cache_without_a_recorded_identity_is_refused(noise, tmp_path):
+    cache = tmp_path / "cost.npz"
+    cost_matrix(SpiralField(), noise[:12], grid=6, cache=cache)
+    with np.load(cache) as data:
+        arrays = {k: data[k] for k in data.files if k != "identity"}
+    with open(cache, "wb") as fh:
+        np.savez(fh, **arrays)
+    assert CostMatrix.load(cache).identity == {}  # still readable, e.g. to make schedules
+    with pytest.raises(CheckpointError, match="does not record which model"):
+        cost_matrix(SpiralField(), noise, grid=6, cache=cache)
+
+
+def test_merge_refuses_another_model(noise):
+    a = cost_matrix(Scaled(0.5), noise[:12], grid=6)
+    with pytest.raises(bossflow.errors.CostMatrixError, match="different models"):
+        a.merge(cost_matrix(Scaled(0.7), noise[12:], grid=6))
+    merged = a.merge(cost_matrix(Scaled(0.5), noise[12:], grid=6))
+    assert merged.identity == {"model_fingerprint": a.identity["model_fingerprint"]}

@@ -175,3 +175,87 @@ def test_resume_checks_listed_shards_before_adding_more(tmp_path):
     with pytest.raises(CheckpointError, match="shard-00000.npy"):
         make_pairs(field, z, [uniform(2)], tmp_path, fine_grid=4, batch_size=2)
     assert not (tmp_path / "shard-00002.npy").exists()  # nothing integrated on a broken store
+
+
+# Opens a 300-shard store and reads every sample with at most 100 open files, then exhausts the
+# descriptors and opens it again. argv: store folder, expected .npy of all states.
+_FEW_FILES = """
+import resource, sys
+import numpy as np
+from bossflow.errors import BossflowError, CheckpointError
+from bossflow.straighten import PairStore
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+expected = np.load(sys.argv[2])
+store = PairStore.open(sys.argv[1])
+one_by_one = np.stack([store.states[m].numpy() for m in range(len(store))])
+np.testing.assert_array_equal(one_by_one, expected)
+rows = np.random.default_rng(0).permutation(len(store))
+np.testing.assert_array_equal(store.states[rows].numpy(), expected[rows])
+np.testing.assert_array_equal(store.states[rows, rows % 5].numpy(), expected[rows, rows % 5])
+fresh = PairStore.open(sys.argv[1])  # no shard mapped yet
+held = []
+try:
+    while True:
+        held.append(open("/dev/null"))
+except OSError:
+    pass
+for attempt in (lambda: PairStore.open(sys.argv[1]), lambda: fresh.states[299]):
+    try:
+        attempt()
+    except CheckpointError as err:
+        sys.exit(f"blamed the pairs: {err}")
+    except BossflowError as err:
+        print(err)
+    else:
+        sys.exit("read a store with no file descriptor left")
+"""
+
+
+def test_a_store_with_more_shards_than_open_files_reads(field, tmp_path):
+    pytest.importorskip("resource")
+    import subprocess
+    import sys
+
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(5))
+    store = make_pairs(field, noise, SCHEDULES, tmp_path / "p", fine_grid=GRID, batch_size=1)
+    shards = sorted((tmp_path / "p").glob("shard-*.npy"))
+    assert len(shards) == 300 and len(store) == 300
+    np.save(tmp_path / "all.npy", np.concatenate([np.load(s) for s in shards]))
+    result = subprocess.run(
+        [sys.executable, "-c", _FEW_FILES, str(tmp_path / "p"), str(tmp_path / "all.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    messages = result.stdout.strip().splitlines()
+    assert "cannot open manifest.json: Too many open files" in messages[0]
+    assert "cannot open shard shard-00299.npy: Too many open files" in messages[1]
+    for message in messages:
+        assert "the pairs are not damaged; raise the open-file limit (e.g. ulimit -n" in message
+        assert "delete" not in message
+
+
+def test_truncated_or_missing_shards_are_reported_as_damage(field, noise, tmp_path):
+    make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID, batch_size=4)
+    shard = tmp_path / "shard-00001.npy"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="shard-00001.npy.*truncated.*delete the folder"):
+        PairStore.open(tmp_path)
+    shard.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(CheckpointError, match="shard-00001.npy.*cannot be read.*delete"):
+        PairStore.open(tmp_path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="shard-00001.npy.*missing.*delete the folder"):
+        PairStore.open(tmp_path)
+
+
+def test_open_store_pickles_without_its_open_maps(field, noise, tmp_path):
+    import pickle
+
+    store = make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID, batch_size=4)
+    before = store.states[:]
+    copy = pickle.loads(pickle.dumps(store.states))
+    assert torch.equal(copy[:], before)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError, CostMatrixError
+from ..checkpoint import module_fingerprint, noise_fingerprint
+from ..errors import BossflowError, CheckpointError, ConfigError, CostMatrixError
 from ..field import VelocityField
 from ..noise import NoiseLike, noise_reader
 from ..schedule import Schedule, resolve_grid
@@ -173,6 +174,9 @@ class CostMatrix:
         count: number of samples accumulated.
         metric: the metric's name.
         meta: JSON-serialisable facts (model id, seed, ...), carried into schedules.
+        identity: what the sums were measured on, set by :func:`cost_matrix`: the weights'
+            fingerprint (``None`` for a plain callable), noise sample 0's fingerprint, the noise
+            dtype, the sample shape and the seed. A run resuming a cache must match it.
     """
 
     grid: Schedule
@@ -181,6 +185,7 @@ class CostMatrix:
     count: int = 0
     metric: str = "sq_l2"
     meta: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, grid: Schedule, metric: str = "sq_l2", meta: dict | None = None) -> CostMatrix:
@@ -220,6 +225,15 @@ class CostMatrix:
         """The sum of two partial results on the same grid and metric (e.g. two processes)."""
         if not np.array_equal(self.grid.times, other.grid.times) or self.metric != other.metric:
             raise CostMatrixError("cannot merge cost matrices made on different grids or metrics")
+        mine, theirs = (m.identity.get("model_fingerprint") for m in (self, other))
+        if mine != theirs:
+            raise CostMatrixError(
+                f"cannot merge cost matrices of different models (weights fingerprints {mine} and "
+                f"{theirs})"
+            )
+        # other noises (that is the point of merging): only the model stays common
+        same = self.identity == other.identity
+        identity = dict(self.identity) if same else {"model_fingerprint": mine}
         return CostMatrix(
             self.grid,
             self.sum + other.sum,
@@ -227,6 +241,7 @@ class CostMatrix:
             self.count + other.count,
             self.metric,
             dict(self.meta),
+            identity,
         )
 
     # -- files ----------------------------------------------------------------------------------
@@ -244,6 +259,7 @@ class CostMatrix:
                     grid=np.asarray(self.grid.times),
                     metric=np.str_(self.metric),
                     meta=np.str_(json.dumps(self.meta)),
+                    identity=np.str_(json.dumps(self.identity)),
                     values=self.values if self.count else self.sum,
                 )
 
@@ -257,26 +273,114 @@ class CostMatrix:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                n1 = data["grid"].shape[0]
-                s, sq = data["sum"], data["sumsq"]
-                if s.shape != (n1, n1) or sq.shape != (n1, n1):
-                    raise CheckpointError(f"{path}: sums do not match the grid of {n1} times")
-                return cls(
-                    Schedule(data["grid"], method="fine"),
-                    s.astype(np.float64),
-                    sq.astype(np.float64),
-                    int(data["count"]),
-                    str(data["metric"]),
-                    json.loads(str(data["meta"])),
-                )
+                keys = ("grid", "sum", "sumsq", "count", "metric", "meta")
+                arrays = {k: data[k] for k in keys}
+                if "identity" in data.files:  # caches before bossflow recorded it have none
+                    arrays["identity"] = data["identity"]
         except FileNotFoundError:
             raise CheckpointError(f"cost matrix file {path} does not exist") from None
         except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-            if isinstance(err, CheckpointError):
-                raise
             raise CheckpointError(
                 f"{path} is not a readable bossflow cost matrix ({err}); delete it to recompute"
             ) from None
+        return cls._from_arrays(path, arrays)
+
+    @classmethod
+    def _from_arrays(cls, path: Path, arrays: dict[str, np.ndarray]) -> CostMatrix:
+        """Check what :meth:`load` read: every value a cache can hold, else CheckpointError."""
+
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(
+                f"{path} is not a valid bossflow cost matrix: {what}; delete it to recompute"
+            )
+
+        grid, s, sq, count = (arrays[k] for k in ("grid", "sum", "sumsq", "count"))
+        if grid.ndim != 1 or grid.dtype.kind not in "fiu":
+            raise bad(
+                f"its grid is a {grid.dtype} array of shape {grid.shape}, not a list of times"
+            )
+        try:
+            fine = Schedule(grid.astype(np.float64), method="fine")
+        except BossflowError as err:
+            raise bad(f"its grid is not a valid schedule ({err})") from None
+        n1 = len(grid)
+        for name, a in (("sum", s), ("sumsq", sq)):
+            if a.shape != (n1, n1) or a.dtype.kind not in "fiu":
+                raise bad(
+                    f"{name} is a {a.dtype} array of shape {a.shape}, not ({n1}, {n1}) numbers"
+                )
+            if not np.isfinite(a).all():
+                raise bad(f"{name} holds NaN or infinite values")
+        if count.shape != () or count.dtype.kind not in "iu" or int(count) < 0:
+            shown = count.tolist() if count.size == 1 else f"of shape {count.shape}"
+            raise bad(f"its sample count {shown} is not a whole number >= 0")
+        if arrays["metric"].shape != () or arrays["metric"].dtype.kind != "U":
+            raise bad("its metric is not a name")
+        metric = str(arrays["metric"])
+        # squares are never negative, nor are the built-in metrics' costs (a custom metric may be)
+        if (sq < 0).any() or (metric in METRICS and (s < 0).any()):
+            raise bad("it holds negative cost sums")
+        if int(count) == 0 and (s.any() or sq.any()):
+            raise bad("it counts 0 samples but holds non-zero sums")
+        parsed = {}
+        for key in ("meta", "identity"):
+            try:
+                parsed[key] = json.loads(str(arrays[key])) if key in arrays else {}
+            except ValueError:
+                parsed[key] = None
+            if not isinstance(parsed[key], dict):
+                raise bad(f"its {key} is not a JSON object")
+        return cls(
+            fine,
+            s.astype(np.float64),
+            sq.astype(np.float64),
+            int(count),
+            metric,
+            parsed["meta"],
+            parsed["identity"],
+        )
+
+
+# How the settings a cache records are named in the message refusing it.
+_IDENTITY_LABELS = {
+    "model_fingerprint": "model weights (fingerprint)",
+    "noise_fingerprint": "noise (fingerprint of sample 0)",
+    "noise_dtype": "noise dtype",
+    "sample_shape": "sample shape",
+    "seed": "seed",
+}
+
+
+def _check_cache(
+    cache: str | os.PathLike, acc: CostMatrix, fine: Schedule, metric: str, identity: dict
+) -> None:
+    """Refuse a cache measured on another grid, metric, model, noise or seed."""
+    redo = f"delete {cache} to recompute, or use another --out (another cache path)"
+    if not np.array_equal(acc.grid.times, fine.times):
+        raise CheckpointError(
+            f"cache {cache} was made with another grid ({acc.n} fine intervals there, "
+            f"{len(fine.times) - 1} now, or other times); {redo}"
+        )
+    if acc.metric != metric:
+        raise CheckpointError(
+            f"cache {cache} was made with another metric ({acc.metric!r} there, {metric!r} now); "
+            f"{redo}"
+        )
+    if not acc.identity:
+        raise CheckpointError(
+            f"cache {cache} does not record which model and noise it was made with (an older "
+            f"bossflow wrote it), so it cannot be checked; {redo}"
+        )
+    differ = [
+        f"{_IDENTITY_LABELS.get(k, k)}: {acc.identity.get(k)!r} there, {v!r} now"
+        for k, v in identity.items()
+        if acc.identity.get(k) != v
+    ]
+    if differ:
+        raise CheckpointError(
+            f"cache {cache} was made with another model, noise or seed ({'; '.join(differ)}); "
+            f"{redo}"
+        )
 
 
 def cost_matrix(
@@ -303,11 +407,17 @@ def cost_matrix(
         samples: M when ``noise`` is a callable (ignored for a tensor, whose length is M).
         cache: optional ``.npz`` path. Progress is saved there atomically after every batch and a
             run finding a compatible cache resumes from it (samples already counted are skipped).
+            The cache records the grid, the metric, a fingerprint of the field's weights and of
+            noise sample 0, the noise dtype, the sample shape and the seed.
         progress: show a tqdm progress bar.
         meta: facts stored with the result (model id, seed, ...).
 
     Returns:
         A :class:`CostMatrix`; ``.values`` is the (N + 1, N + 1) float64 matrix ``c``.
+
+    Raises:
+        CheckpointError: ``cache`` is not a valid cost matrix, or was made with another grid,
+            metric, model, noise, seed or meta value, or holds more samples than asked.
     """
     fine = resolve_grid(grid)
     name, _ = _metric(metric)
@@ -320,13 +430,20 @@ def cost_matrix(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
 
+    first = take(range(0, 1))
+    identity = {
+        "model_fingerprint": module_fingerprint(field),
+        "noise_fingerprint": noise_fingerprint(first[0]),
+        "noise_dtype": str(first.dtype).removeprefix("torch."),
+        "sample_shape": list(first.shape[1:]),
+        "seed": (meta or {}).get("seed", getattr(noise, "seed", None)),
+    }
+    identity = json.loads(json.dumps(identity, default=str))  # as a cache holds it
     acc = CostMatrix.empty(fine, name, meta)
+    acc.identity = identity
     if cache is not None and Path(cache).exists():
         acc = CostMatrix.load(cache)
-        if not np.array_equal(acc.grid.times, fine.times) or acc.metric != name:
-            raise CheckpointError(
-                f"cache {cache} was made with another grid or metric; delete it or pass another path"
-            )
+        _check_cache(cache, acc, fine, name, identity)
         if acc.count > total:
             raise CheckpointError(
                 f"cache {cache} already holds {acc.count} samples, more than the {total} asked"

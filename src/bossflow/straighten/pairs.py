@@ -27,18 +27,23 @@ complete shard; with another schedule, grid, model or noise it raises
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError
+from ..checkpoint import module_fingerprint
+from ..checkpoint import noise_fingerprint as _noise_fingerprint
+from ..errors import BossflowError, CheckpointError, ConfigError
 from ..field import VelocityField
 from ..io import atomic_write, atomic_write_text, ensure_dir
 from ..noise import NoiseLike, noise_reader
@@ -53,34 +58,6 @@ MANIFEST = "manifest.json"
 # its exact float64 values; JSON round trips are exact too, so this only absorbs foreign rounding).
 _TIME_TOL = 1e-9
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-
-
-def module_fingerprint(module: Any) -> str | None:
-    """A short fingerprint of a module's weights, or ``None`` for a plain callable.
-
-    Hashes every state-dict entry's name, shape and dtype, its first 64 values and its float64 sum
-    (printed to 8 significant digits, so the same weights on another device give the same
-    fingerprint). Cheap even for large models: it never copies a whole tensor to the CPU.
-    """
-    if not isinstance(module, nn.Module):
-        return None
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, value in module.state_dict().items():
-            if not isinstance(value, Tensor):
-                continue
-            flat = value.detach().reshape(-1)
-            head = flat[:64].to("cpu", torch.float64).numpy()
-            total = float(flat.double().sum()) if flat.numel() else 0.0
-            h.update(f"{name}|{tuple(value.shape)}|{value.dtype}|{total:.8e}|".encode())
-            h.update(np.ascontiguousarray(head).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _noise_fingerprint(first: Tensor) -> str:
-    """Fingerprint of noise sample 0, so a resumed run notices another seed or noise tensor."""
-    arr = first.detach().to("cpu", torch.float32).contiguous().numpy()
-    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
 
 
 def _as_schedules(schedules: Schedule | Sequence[Schedule] | Mapping[Any, Schedule]) -> list:
@@ -130,21 +107,133 @@ def _columns(times: np.ndarray, schedule: Schedule) -> np.ndarray:
     return np.asarray(cols, dtype=np.int64)
 
 
+# Shards memory-mapped at once by one store: each map holds a file descriptor, and a store can
+# have more shards than a process may open files (often 1024).
+_MAX_OPEN_SHARDS = 32
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """Where a shard's array lies in its ``.npy`` file (read from the header, file closed)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int  # bytes of header before the data
+    fortran: bool
+
+
+def _open_failure(store: Path, name: str, err: OSError) -> BossflowError:
+    """The error for a file of the store that cannot be opened now: unless it is missing, the
+    pairs are not at fault."""
+    if isinstance(err, FileNotFoundError):
+        return CheckpointError(
+            f"pair store {store}: shard {name} listed in the manifest is missing; delete the "
+            "folder and make the pairs again"
+        )
+    hint = (
+        "raise the open-file limit (e.g. ulimit -n 4096) and rerun"
+        if err.errno in (errno.EMFILE, errno.ENFILE)
+        else "fix that and rerun"
+    )
+    what = name if name == MANIFEST else f"shard {name}"
+    return BossflowError(
+        f"pair store {store}: cannot open {what}: {err.strerror or err} (the pairs are not "
+        f"damaged; {hint})"
+    )
+
+
+def _shard_header(store: Path, name: str) -> _Shard:
+    """Read a shard's ``.npy`` header and close the file again."""
+    file = store / name
+    try:
+        with open(file, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as err:
+        raise _open_failure(store, name, err) from None
+    except ValueError as err:
+        raise CheckpointError(
+            f"pair store {store}: shard {name} listed in the manifest cannot be read ({err}); "
+            "delete the folder and make the pairs again"
+        ) from None
+    if dtype.hasobject or size < offset + int(np.prod(shape)) * dtype.itemsize:
+        raise CheckpointError(
+            f"pair store {store}: shard {name} listed in the manifest is truncated ({size} bytes "
+            f"for a {shape} {dtype} array); delete the folder and make the pairs again"
+        )
+    return _Shard(file, tuple(int(d) for d in shape), dtype.str, offset, bool(fortran))
+
+
 class _StatesView:
     """Index-able view over the shards: ``states[rows]`` or ``states[rows, cols]`` -> Tensor.
 
     ``rows`` is an int, a slice or a 1-D integer sequence of sample indices; ``cols`` an int, a
     slice, or a 1-D integer sequence with one column per row (then row ``i`` gets column
-    ``cols[i]``). Only the requested states are read from the memory-mapped shards.
+    ``cols[i]``). Only the requested states are read from the shards, which are memory-mapped on
+    demand, at most ``_MAX_OPEN_SHARDS`` at a time (least recently used closed first).
     """
 
     def __init__(
-        self, shards: list[np.ndarray], starts: np.ndarray, shape: tuple[int, ...], dtype: str
+        self,
+        store: Path,
+        shards: list[_Shard],
+        starts: np.ndarray,
+        shape: tuple[int, ...],
+        dtype: str,
     ):
+        self._store = store
         self._shards = shards
         self._dtype = dtype
         self._starts = starts  # (S,) first sample index of each shard
         self.shape = shape  # (M, T, *sample_shape)
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self._guard = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # e.g. for DataLoader workers: no open maps
+        state = self.__dict__.copy()
+        del state["_maps"], state["_guard"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._maps, self._guard = OrderedDict(), threading.Lock()
+
+    def _shard(self, s: int) -> np.memmap:
+        """Shard ``s`` memory-mapped (kept among the most recently used ones)."""
+        with self._guard:
+            arr = self._maps.get(s)
+            if arr is not None:
+                self._maps.move_to_end(s)
+                return arr
+            sh = self._shards[s]
+            try:
+                arr = np.memmap(
+                    sh.file,
+                    dtype=np.dtype(sh.dtype),
+                    mode="r",
+                    offset=sh.offset,
+                    shape=sh.shape,
+                    order="F" if sh.fortran else "C",
+                )
+            except OSError as err:
+                raise _open_failure(self._store, sh.file.name, err) from None
+            except ValueError as err:  # shrunk since the store was opened
+                raise CheckpointError(
+                    f"pair store {self._store}: shard {sh.file.name} changed on disk ({err}); "
+                    "delete the folder and make the pairs again"
+                ) from None
+            self._maps[s] = arr
+            while len(self._maps) > _MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)  # its file closes once no result refers to it
+            return arr
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -179,7 +268,7 @@ class _StatesView:
             sel = np.flatnonzero(shard_of == s)
             local = idx[sel] - self._starts[s]
             c = cols[sel] if per_row else cols
-            parts.append(self._shards[s][local, c])
+            parts.append(np.asarray(self._shard(int(s))[local, c]))  # advanced indexing: a copy
             order.append(sel)
         if parts:
             out = np.concatenate(parts)[np.argsort(np.concatenate(order), kind="stable")]
@@ -206,7 +295,7 @@ class PairStore:
             ``states[rows, cols]`` return tensors in the stored dtype.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[np.ndarray]):
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[_Shard]):
         self.path = path
         self.manifest = manifest
         self.times = np.asarray(manifest["times"], dtype=np.float64)
@@ -218,7 +307,7 @@ class PairStore:
         counts = [int(s["count"]) for s in manifest["shards"]]
         starts = np.cumsum([0, *counts[:-1]]).astype(np.int64)
         shape = (sum(counts), len(self.times), *self.sample_shape)
-        self.states = _StatesView(shards, starts, shape, manifest["dtype"])
+        self.states = _StatesView(path, shards, starts, shape, manifest["dtype"])
 
     def __len__(self) -> int:
         """Number of complete samples (noises) in the store."""
@@ -245,9 +334,14 @@ class PairStore:
     def open(cls, path: str | os.PathLike) -> PairStore:
         """Open a store written by :func:`make_pairs`, checking the manifest against the shards.
 
+        Only the shards' ``.npy`` headers are read here (each file is closed again); the data
+        is memory-mapped when it is indexed, a bounded number of shards at a time.
+
         Raises:
-            CheckpointError: no manifest, an unreadable one, or a listed shard that is missing or
-                has the wrong shape or dtype.
+            CheckpointError: no manifest, an unreadable one, or a listed shard that is missing,
+                truncated or has the wrong shape or dtype.
+            BossflowError: a shard cannot be opened for another reason (too many open files,
+                permissions); the message does not blame the pairs.
         """
         path = Path(path)
         manifest = _read_manifest(path)
@@ -265,18 +359,13 @@ class PairStore:
                     f"expected {start}; the manifest is inconsistent, delete {path} and start over"
                 )
             start += int(entry["count"])
-            file = path / entry["file"]
-            try:
-                arr = np.load(file, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise CheckpointError(
-                    f"pair store {path}: shard {entry['file']} listed in the manifest cannot be "
-                    f"read ({err}); delete the folder and make the pairs again"
-                ) from None
-            if arr.shape != (int(entry["count"]), t, *shape) or arr.dtype != manifest["dtype"]:
+            arr = _shard_header(path, str(entry["file"]))
+            if arr.shape != (int(entry["count"]), t, *shape) or arr.dtype != np.dtype(
+                manifest["dtype"]
+            ):
                 raise CheckpointError(
                     f"pair store {path}: shard {entry['file']} has shape {arr.shape} and dtype "
-                    f"{arr.dtype}, the manifest says ({entry['count']}, {t}, *{shape}) "
+                    f"{np.dtype(arr.dtype)}, the manifest says ({entry['count']}, {t}, *{shape}) "
                     f"{manifest['dtype']}; delete the folder and make the pairs again"
                 )
             shards.append(arr)
@@ -288,8 +377,12 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     if not file.exists():
         return None
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        text = file.read_text()
+    except OSError as err:  # too many open files, permissions: not the store's fault
+        raise _open_failure(path, MANIFEST, err) from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(
             f"{file} is not valid JSON ({err}); delete {path} to start over"
         ) from None
