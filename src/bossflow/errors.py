@@ -20,6 +20,10 @@ class ModelOutputError(BossflowError, ValueError):
     """A velocity field returned something unusable (wrong shape, NaN or infinite values)."""
 
 
+class ModelCallError(BossflowError, RuntimeError):
+    """Calling a user's model failed inside the model; the message names the call and the cause."""
+
+
 class CostMatrixError(BossflowError, ValueError):
     """A cost matrix cannot be used for dynamic programming (shape, values, budget)."""
 

@@ -29,6 +29,7 @@ __all__ = [
     "SpiralField",
     "time_batch",
     "check_velocity",
+    "call_field",
 ]
 
 
@@ -82,6 +83,40 @@ def check_velocity(v: Any, x: Tensor, where: str = "the velocity field") -> Tens
             "checkpoint, the input scaling and the time convention (--convention)."
         )
     return v
+
+
+def call_field(
+    field: VelocityField,
+    x: Tensor,
+    t: Tensor,
+    where: str = "the velocity field",
+    check: bool = True,
+) -> Tensor:
+    """``field(x, t)``, checked by :func:`check_velocity`; a model that raises becomes one error.
+
+    ``check=False`` skips :func:`check_velocity` (a training loop checks its own outputs).
+
+    An exception from inside the model (a layer refusing the input's shape or dtype, a bug in a
+    user's module) is re-raised as :class:`~bossflow.errors.ModelCallError` naming the call, the
+    input shapes and the original error, so the CLI can print one line instead of a traceback
+    from deep inside the network. bossflow's own errors and ``KeyboardInterrupt`` pass unchanged.
+    """
+    from .errors import BossflowError, ModelCallError
+
+    try:
+        out = field(x, t)
+    except BossflowError:
+        raise
+    except Exception as err:
+        message = " ".join(str(err).split())
+        if len(message) > 300:
+            message = message[:300] + " ..."
+        raise ModelCallError(
+            f"{where} raised {type(err).__name__} when called with x of shape {tuple(x.shape)} "
+            f"({x.dtype}, {x.device}) and t of shape {tuple(t.shape)}: {message}. Check that the "
+            "sample shape (--shape) and the calling convention (--convention) match the model."
+        ) from err
+    return check_velocity(out, x, where) if check else out
 
 
 def _unwrap_output(out: Any) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .field import VelocityField, check_velocity, time_dtype
+from .field import VelocityField, call_field, time_dtype
 from .schedule import Schedule, uniform
 
 __all__ = ["sample", "euler", "heun", "midpoint", "reference_solve", "SOLVERS", "nfe_for"]
@@ -35,7 +35,7 @@ def _times(schedule: Schedule | Sequence[float] | np.ndarray | Tensor) -> np.nda
 
 def _eval(field: VelocityField, x: Tensor, t: float) -> Tensor:
     tt = torch.full((x.shape[0],), t, dtype=time_dtype(x), device=x.device)
-    return check_velocity(field(x, tt), x)
+    return call_field(field, x, tt)
 
 
 def _step_euler(field, x, t, t_next):
@@ -153,7 +153,7 @@ def reference_solve(
         torchdiffeq = require("torchdiffeq", "ode", "the dopri5 reference solver")
 
         def rhs(t: Tensor, x: Tensor) -> Tensor:
-            return check_velocity(field(x, t.expand(x.shape[0]).to(time_dtype(x))), x)
+            return call_field(field, x, t.expand(x.shape[0]).to(time_dtype(x)))
 
         grid = torch.tensor([0.0, 1.0], dtype=noise.dtype, device=noise.device)
         with torch.no_grad():

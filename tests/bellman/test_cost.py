@@ -94,8 +94,8 @@ def test_noise_source_makes_results_independent_of_batch_size():
     assert torch.equal(src.take(4, start=6), src(range(10))[6:])
 
 
-class Interrupt(Exception):
-    pass
+class Interrupt(BaseException):
+    """A simulated interruption (like KeyboardInterrupt): not an error of the model."""
 
 
 def test_resume_after_interruption_gives_uninterrupted_result(noise, tmp_path):

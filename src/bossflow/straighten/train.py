@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
-from ..field import time_batch, time_dtype
+from ..field import call_field, time_batch, time_dtype
 from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
 from ..schedule import Schedule
 from ..training import (
@@ -661,7 +661,8 @@ def straighten(
             rows = random_rows(train_idx, config.batch_size, generator)
             x, t, target = objective.batch(pairs, cols, times, rows, generator, device)
             with autocast():
-                pred = model(x.to(dtype), t.to(time_dtype(x)))  # times at least float32
+                # times at least float32; a model that raises is one error naming the call
+                pred = call_field(model, x.to(dtype), t.to(time_dtype(x)), "the model", check=False)
             if pred.shape != target.shape:  # mse_loss would broadcast silently
                 raise ModelOutputError(
                     f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
