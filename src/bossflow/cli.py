@@ -533,11 +533,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose --out is a folder they write into; main() holds an output_lock on it.
+_WRITES_OUT_FOLDER = {"schedule", "straighten", "evaluate", "demo", "train-base"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bossflow`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in _WRITES_OUT_FOLDER:  # one run at a time per output folder
+            from .io import output_lock
+
+            command = " ".join(["bossflow", *(sys.argv[1:] if argv is None else argv)])
+            with output_lock(args.out, command[:200]):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except BossflowError as err:
         print(f"bossflow {args.command}: error: {err}", file=sys.stderr)

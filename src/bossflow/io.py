@@ -1,15 +1,30 @@
-"""Small file helpers: atomic writes, so an interrupted job never leaves a file that looks complete."""
+"""Small file helpers: atomic writes, so an interrupted job never leaves a file that looks complete,
+and a lock on an output folder, so two runs never mix their outputs there.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import BossflowError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "ensure_dir"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "ensure_dir",
+    "output_lock",
+    "remove_stale_temporaries",
+    "LOCK_FILE",
+]
 
 
 def _file_mode() -> int:
@@ -39,6 +54,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
     The temporary file lives in the same directory (so the rename is atomic) and is removed if
     ``write`` fails; ``path`` is either untouched or complete, never half written.
+
+    Any failure of ``write`` or of the file system (``OSError``, but also e.g. the
+    ``RuntimeError`` ``torch.save`` raises on a full disk) becomes one :class:`BossflowError`
+    naming ``path``; a :class:`BossflowError` from ``write`` and ``KeyboardInterrupt`` /
+    ``SystemExit`` propagate as they are. The temporary file is removed in every case.
     """
     path = Path(path)
     ensure_dir(path.parent)
@@ -50,15 +70,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp_path)
         os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp_path, path)
-    except OSError as err:
+    except BaseException as err:
         if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-        raise BossflowError(f"could not write {path}: {err.strerror or err}") from None
-    except BaseException:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-        raise
+            with contextlib.suppress(OSError):
+                tmp_path.unlink(missing_ok=True)
+        if isinstance(err, BossflowError) or not isinstance(err, Exception):
+            raise
+        raise BossflowError(f"could not write {path}: {_write_failure(err)}") from err
     return path
+
+
+def _write_failure(err: Exception) -> str:
+    """What went wrong in a write, in a few words, with a hint when the disk may be full."""
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return reason  # "Permission denied", "Read-only file system": clear as they are
+    else:  # torch.save on a full disk: RuntimeError("... file write failed"); numpy: OSError(...)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0][:300] if lines else type(err).__name__
+    return f"{reason} (is the disk full? free some space or choose another output folder)"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -67,3 +98,134 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+LOCK_FILE = ".bossflow.lock"
+# The names atomic_write's mkstemp gives: "." + target name + "." + 8 random [a-z0-9_] + ".tmp".
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_HELD: dict[str, list] = {}  # folder -> [fd, depth]: locks this process holds (re-entrant)
+_HELD_GUARD = threading.Lock()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 4) -> list[Path]:
+    """Delete the temporary files killed :func:`atomic_write` calls left in ``folder``.
+
+    Only names :func:`atomic_write` makes (``.NAME.XXXXXXXX.tmp``) are removed, in ``folder`` and
+    its sub-folders down to ``depth`` levels; symbolic links are not followed and a sub-folder
+    with its own lock file (another run's output folder) is left alone. Call it only while holding
+    :func:`output_lock` on ``folder``, so no live write of this folder is touched.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    pending = [(Path(folder), 0)]
+    while pending:
+        here, level = pending.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if level < depth and not os.path.lexists(os.path.join(entry.path, LOCK_FILE)):
+                        pending.append((Path(entry.path), level + 1))
+                elif entry.is_file(follow_symlinks=False) and _TEMPORARY.fullmatch(entry.name):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:
+                continue  # gone meanwhile, or not ours to delete: leave it
+    return removed
+
+
+def _holder(fd: int) -> str:
+    """The ``PID command`` line the holder of a lock wrote (waits briefly for a fresh holder)."""
+    for _ in range(20):
+        try:
+            text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            pid, _, command = text.partition(" ")
+            return f"PID {pid}" + (f": {command}" if command else "")
+        time.sleep(0.05)  # it took the lock an instant ago and has not written its PID yet
+    return "PID unknown"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, what: str = "bossflow") -> Iterator[Path]:
+    """Hold an advisory lock on output folder ``folder`` for the duration of the ``with`` block.
+
+    The lock is ``flock`` on ``folder/.bossflow.lock``, which then holds ``PID what``. The kernel
+    releases it when the process ends, however it ends, so a killed run never blocks the next one.
+    On taking it, temporary files that killed writes left in the folder are removed
+    (:func:`remove_stale_temporaries`). Taking it again in the same process is a no-op; where the
+    platform or file system has no ``flock``, nothing is locked.
+
+    Args:
+        folder: the output folder (created if needed).
+        what: the command, written next to the PID for the message another run gets.
+
+    Yields:
+        ``folder`` as a :class:`Path`.
+
+    Raises:
+        BossflowError: another process holds the lock (the message names its PID and command), or
+            the lock file cannot be created.
+    """
+    path = ensure_dir(folder)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, run unlocked
+        yield path
+        return
+    key = os.path.realpath(path)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is not None:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                held[1] -= 1
+        return
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise BossflowError(
+            f"cannot create the lock file {lock_path}: {err.strerror or err}; choose an output "
+            "folder you can write to"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise BossflowError(
+            f"{path} is in use by another run ({holder}); wait for it to finish, or choose "
+            "another --out"
+        ) from None
+    except OSError:  # e.g. a network file system without flock: run unlocked
+        os.close(fd)
+        yield path
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+    except OSError:
+        pass  # the lock holds without the note; another run would name "PID unknown"
+    with _HELD_GUARD:
+        _HELD[key] = [fd, 1]
+    try:
+        remove_stale_temporaries(path)
+        yield path
+    finally:
+        with _HELD_GUARD:
+            del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the flock

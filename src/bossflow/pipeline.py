@@ -183,7 +183,20 @@ def run_demo(
 
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        BossflowError: another run holds ``out`` (see :func:`bossflow.io.output_lock`).
     """
+    from .io import output_lock
+
+    with output_lock(out, "bossflow run_demo") as folder:
+        return _run_demo_locked(folder, config, device, progress)
+
+
+def _run_demo_locked(
+    out: Path, config: DemoConfig | None, device: str | torch.device, progress: bool
+) -> Path:
+    """:func:`run_demo`'s work, while it holds the lock on ``out``."""
     from .data import load_dataset
     from .metrics import evaluate_samples, frechet_backend
     from .pretrained import load_digits_classifier
