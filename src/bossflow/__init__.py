@@ -6,6 +6,9 @@ Time runs from 0 (noise) to 1 (data); a velocity field is any callable ``v(x, t)
 Typical use::
 
     import bossflow
+    model = bossflow.load_model("digits")                        # the same specs as the CLI
+    field = model.field
+    noise = bossflow.NoiseSource(model.sample_shape, seed=0)
     cost = bossflow.cost_matrix(field, noise, grid=100)          # paper eq. 5
     schedules = bossflow.bellman_schedules(cost, [2, 4, 8])      # paper eq. 8
     x = bossflow.sample(field, noise, schedules[4])              # 4 Euler steps
@@ -19,6 +22,7 @@ from .field import NFECounter, VelocityField
 from .noise import NoiseSource
 from .schedule import Schedule, edm, quadratic, uniform
 from .solvers import reference_solve, sample
+from .spec import LoadedModel, load_model
 from .straighten import PairStore, StraightenConfig, make_pairs, straighten
 
 __version__ = "0.1.0"
@@ -26,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BossflowError",
     "CostMatrix",
+    "LoadedModel",
     "NFECounter",
     "NoiseSource",
     "PairStore",
@@ -35,6 +40,7 @@ __all__ = [
     "bellman_schedules",
     "cost_matrix",
     "edm",
+    "load_model",
     "make_pairs",
     "quadratic",
     "reference_solve",

@@ -7,11 +7,14 @@ jobs save their progress as they go, so rerunning the same command after an inte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import BossflowError
+from .errors import BossflowError, ConfigError
 
 MODEL_HELP = (
     "the model: a built-in name (digits, spiral), rectified-flow:CONFIG (cifar10, celeba_hq, "
@@ -65,37 +68,204 @@ def _fraction_or_count(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"expected a fraction or a count, got {text!r}") from None
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _num(value: float | None) -> str:
+    """A number for a message or a printed line: 4 significant digits, never ``np.float64(...)``."""
+    if value is None:
+        return "—"
+    return format(float(value), ".4g")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return ",".join(str(int(d)) for d in shape)
+
+
+def _is_image(shape: Sequence[int]) -> bool:
+    """(C, H, W) with C = 1 (grey) or 3 (RGB): what grids, PSNR and image features need."""
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def _is_points(shape: Sequence[int]) -> bool:
+    """One 2-D point per sample: drawn as a scatter plot."""
+    return tuple(shape) == (2,)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help with every option's default, taken from the parser (no number is written twice)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.required
+            or action.default is argparse.SUPPRESS
+            or "(default" in text
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        ):
+            return text
+        default = action.default
+        if isinstance(action, argparse._StoreTrueAction):
+            shown = "off"
+        elif default is None:
+            shown = "not set"
+        elif isinstance(default, (list, tuple)):
+            shown = ",".join(str(v) for v in default)
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``bossflow CMD: error: ...`` and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _choice_list(registry, label: str):
+    """An argparse type for comma-separated names from ``registry`` (kept in the given order)."""
+    names = list(registry)
+
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in names]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {label} {', '.join(unknown) or repr(text)}; choose from {', '.join(names)}"
+            )
+        return values
+
+    return parse
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders of ``path`` (itself included) that do not exist yet, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bossflow-write-check.", dir=folder)
+    except OSError as err:
+        raise BossflowError(
+            f"cannot write in {folder}: {err.strerror or err}; choose another --out"
+        ) from None
+    import os
+
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _output_dir(path: str | Path) -> Iterator[Path]:
+    """Create and check the output folder ``path`` for the body of a command.
+
+    The folder must be creatable and writable before any long phase starts. If the body then fails
+    (a bad model, an interrupt) and leaves a folder this call created empty, it is removed again,
+    so a failed argument check leaves no empty ``--out`` behind.
+    """
+    from .io import ensure_dir
+
+    path = Path(path)
+    created = _missing_parents(path)
+    out = ensure_dir(path)
+    try:
+        _check_writable(out)
+        yield out
+    except BaseException:
+        from .io import LOCK_FILE
+
+        for folder in created:
+            try:
+                # a lock file this run took (and has released by now) does not count as content
+                if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                    (folder / LOCK_FILE).unlink()
+                folder.rmdir()  # only if empty; stop at the first one that is not
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
+def _output_file(path: str | Path) -> Iterator[Path]:
+    """Like :func:`_output_dir` for a single output file: checks and creates its folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise BossflowError(f"--out {path} is a folder; give a file name such as samples.png")
+    with _output_dir(path.parent if str(path.parent) else Path(".")):
+        yield path
+
+
 def add_model_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    from .spec import CONVENTIONS
+
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default, required=default is None, help=MODEL_HELP)
     g.add_argument(
         "--checkpoint",
         help="weights: a .safetensors or torch state dict for module:callable models, the released "
-        ".pth for rectified-flow models, or a shipped-model file for digits",
+        ".pth for rectified-flow models, or a shipped-model file for digits (default: none; digits "
+        "uses the shipped weights)",
     )
     g.add_argument(
         "--convention",
-        choices=["bossflow", "rectified-flow", "diffusers", "flow-matching", "torchcfm"],
-        help="how a module:callable model is called: bossflow v(x, t) with t=0 noise (default); "
+        choices=list(CONVENTIONS),
+        help="how a module:callable model is called: bossflow v(x, t) with t=0 noise; "
         "rectified-flow net(x, 999 t'); diffusers -net(x, 1000 (1 - t)); flow-matching "
-        "net(x=x, t=scalar); torchcfm net(t, x)",
+        "net(x=x, t=scalar); torchcfm net(t, x) (default: bossflow)",
     )
-    g.add_argument("--shape", help="shape of one sample as C,H,W when the model does not say")
+    g.add_argument(
+        "--shape",
+        help="shape of one sample, any number of comma-separated sizes: 2 for 2-D points, 1,28,28 "
+        "or 3,32,32 for images (default: the model's own; needed when a module:callable model "
+        "does not say)",
+    )
     g.add_argument(
         "--weights",
         choices=["ema", "model"],
         default="ema",
-        help="which weight set of a rectified-flow checkpoint to use (default: ema)",
+        help="which weight set of a rectified-flow checkpoint to use",
     )
     g.add_argument(
         "--finetuned",
         help="a straightened model.safetensors written by 'bossflow straighten' (or the demo), "
-        "loaded strictly on top of --model",
+        "loaded strictly on top of --model (default: none)",
     )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    g.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 ... or auto (cuda if available)"
+    )
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, finetuned: bool = True):
+    """The model of ``--model`` (and, unless ``finetuned=False``, ``--finetuned`` on top)."""
     from .spec import load_model
 
     model = load_model(
@@ -106,7 +276,7 @@ def _load(args: argparse.Namespace):
         device=_device(args.device),
         weights=args.weights,
     )
-    if getattr(args, "finetuned", None):
+    if finetuned and getattr(args, "finetuned", None):
         from .spec import load_finetuned
 
         load_finetuned(model, args.finetuned)
@@ -117,13 +287,16 @@ def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
     """Named schedules from --schedule FILE ... and/or --nfe K,... with --spacing NAME,..."""
     from .schedule import Schedule, make_schedule
 
+    def as_list(value) -> list:  # sample takes one value, evaluate lists
+        return [] if value is None else list(value) if isinstance(value, list) else [value]
+
     out: dict[str, object] = {}
-    for path in args.schedule or []:
+    for path in as_list(args.schedule):
         s = Schedule.load(path)
         out[f"{s.method} ({s.steps}) {Path(path).name}"] = s
-    for name in args.spacing.split(","):
-        for k in args.nfe or []:
-            out[f"{name} ({k})"] = make_schedule(name.strip(), k)
+    for name in as_list(args.spacing):
+        for k in as_list(args.nfe):
+            out[f"{name} ({k})"] = make_schedule(name, k)
     if not out:
         raise BossflowError("give --schedule FILE or --nfe K to say which time grid to use")
     return out
@@ -131,17 +304,20 @@ def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 # -- schedule ----------------------------------------------------------------------------------
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from .bellman import bellman_schedules, cost_matrix
-    from .io import ensure_dir
-    from .noise import NoiseSource
-
-    out = ensure_dir(args.out)
-    model = _load(args)
-    device = _device(args.device)
     if max(args.nfe) > args.kmax:
         raise BossflowError(
             f"--nfe {max(args.nfe)} is more than --kmax {args.kmax} fine steps; raise --kmax"
         )
+    device = _device(args.device)
+    with _output_dir(args.out) as out:
+        return _schedule(args, out, device)
+
+
+def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
+    from .bellman import bellman_schedules, cost_matrix
+    from .noise import NoiseSource
+
+    model = _load(args)
     noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax}
     cost = cost_matrix(
@@ -161,7 +337,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     for k, s in sorted(schedules.items()):
         s.save(out / f"schedule_nfe{k}.json")
         times = " ".join(f"{t:.3f}" for t in s.times)
-        print(f"{k:>4}  {s.cost:>12.6g}  {times}")
+        print(f"{k:>4}  {_num(s.cost):>12}  {times}")
     print(f"wrote {out / 'cost_matrix.npz'} and {len(schedules)} schedule files in {out}")
     return 0
 
@@ -169,71 +345,133 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 # -- sample ------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
     from .noise import NoiseSource
-    from .report import save_grid
     from .solvers import sample
 
-    model = _load(args)
+    if args.schedule is not None and args.nfe is not None:
+        raise BossflowError("sample takes one schedule: give --schedule FILE or --nfe K, not both")
+    device = _device(args.device)
     schedules = _schedules_from_args(args)
-    if len(schedules) != 1:
-        raise BossflowError("sample takes one schedule: one --schedule FILE or one --nfe K")
     ((name, schedule),) = schedules.items()
-    noise = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
-    x = sample(model.field, noise.take(args.n), schedule, solver=args.solver)
-    value_range = (-1.0, 1.0) if model.centered else (0.0, 1.0)
-    path = save_grid(x.float().cpu(), args.out, scale=args.scale, value_range=value_range)
-    if args.save_tensor:
-        import torch
-
-        from .io import atomic_write
-
-        atomic_write(args.save_tensor, lambda p: torch.save({"samples": x.cpu()}, p))
-    print(f"{args.n} samples of {model.model_id} with {name} ({args.solver}) -> {path}")
+    with _output_file(args.out) as out:
+        model = _load(args)
+        noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
+        x = sample(model.field, noise.take(args.n), schedule, solver=args.solver)
+        written, notes = _save_samples(x, model, out, args.save_tensor, args.scale, name)
+    for note in notes:
+        print(f"note: {note}")
+    print(
+        f"{args.n} samples of {model.model_id} with {name} ({args.solver}) -> {', '.join(written)}"
+    )
     return 0
+
+
+def _save_samples(x, model, out: Path, save_tensor: str | None, scale: int, title: str):
+    """Write samples in the forms their shape allows; returns (paths written, notes)."""
+    import torch
+
+    from .io import atomic_write
+    from .report import plot_points, save_grid
+
+    shape = tuple(model.sample_shape)
+    written: list[str] = []
+    notes: list[str] = []
+    tensor_path = save_tensor
+    if _is_image(shape):
+        value_range = (-1.0, 1.0) if model.centered else (0.0, 1.0)
+        written.append(str(save_grid(x.float().cpu(), out, scale=scale, value_range=value_range)))
+    else:
+        tensor_path = tensor_path or out.with_suffix(".pt")
+        if _is_points(shape):
+            written.append(str(plot_points({title: x.float().cpu()}, out, title=title)))
+            notes.append("2-D points: drawn as a scatter plot; no image grid")
+        else:
+            notes.append(
+                f"samples shaped ({_shape_text(shape)}) are not 1- or 3-channel images, so no PNG "
+                f"was drawn; the samples are saved as a tensor in {tensor_path}"
+            )
+    if tensor_path:
+        samples = x.detach().cpu()
+        atomic_write(tensor_path, lambda p: torch.save({"samples": samples}, p))
+        written.append(str(tensor_path))
+    return written, notes
 
 
 # -- evaluate ----------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import copy
+
+    from .evaluation import EvalEntry, evaluate_methods
     from .io import ensure_dir
-    from .metrics import METHODS
     from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
-    from .pipeline import evaluate_methods
     from .report import markdown_table, write_report
-    from .solvers import reference_solve
 
     out = ensure_dir(args.out)
-    model = _load(args)
+    base = _load(args, finetuned=False)
+    model = base
+    if args.finetuned:
+        from .spec import load_finetuned
+
+        model = load_finetuned(copy.deepcopy(base), args.finetuned)
+    iterations = _finetuned_iterations(args.finetuned)
     schedules = _schedules_from_args(args)
+    # What can be measured and drawn depends on the sample shape only: decided before computing.
+    shape = tuple(model.sample_shape)
+    notes = _shape_notes(shape)
+    log = _stage_log(args.quiet)
+    for note in notes:
+        print(f"note: {note}")
+    entries, warnings = [], []
+    for name, s in schedules.items():
+        label = args.method or s.method
+        other = _foreign_schedule(s, base, model)
+        if other is not None:
+            warnings.append(
+                f"schedule {name!r} was made for model {other!r}, not {model.model_id!r}; it is "
+                f"reported as '{label} (other model)'"
+            )
+            label = f"{label} (other model)"
+        entries.append(EvalEntry(label, model.field, s, solver=args.solver, iterations=iterations))
+    for line in warnings:
+        print(f"bossflow evaluate: warning: {line}", file=sys.stderr)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(args.samples))
-    reference = reference_solve(model.field, noise, steps=args.reference_steps)
+    # The reference is the *base* model's fine solve: a straightened model is measured against
+    # the trajectories it was trained to shortcut, not against its own fine solve.
+    log(f"[1/3] reference solve: {args.reference_steps} Euler steps on {args.samples} noises")
+    reference = _reference_in_chunks(base.field, noise, args.reference_steps, not args.quiet)
     data = features = None
-    if model.dataset == "digits":
+    if model.dataset == "digits" and _is_image(shape):
         from .data import load_dataset
         from .pretrained import load_digits_classifier
 
         data = load_dataset("digits", "heldout").images.to(noise.device)
         features = load_digits_classifier(device=noise.device).features
-    entries = []
-    for name, s in schedules.items():
-        method = args.method or s.method
-        if method not in METHODS:
-            raise BossflowError(
-                f"schedule {name!r} has method {method!r}, which is not a report label; pass "
-                f"--method with one of {list(METHODS)}"
-            )
-        if any(e[:2] == (method, s.steps) for e in entries):
-            raise BossflowError(
-                f"two schedules would both be reported as {method} at {s.steps} NFE; evaluate "
-                "them in separate runs (or label one with --method)"
-            )
-        entries.append((method, s.steps, model.field, s, None))
-    records, samples = evaluate_methods(entries, noise, reference, data, features)
+    log(f"[2/3] sampling {len(entries)} schedule(s) with {args.solver}")
+    records, samples = evaluate_methods(entries, noise, reference, data, features, log=log)
+    if not _is_image(shape):  # PSNR is an image measure
+        from dataclasses import replace
+
+        records = [replace(r, psnr=math.nan) for r in records]
+    log("[3/3] report")
+    shown = 16 if _is_image(shape) else 2000
+    drawn = None
+    if _is_image(shape) or _is_points(shape):
+        drawn = {n: samples[(e.label, e.nfe)][:shown].cpu() for n, e in zip(schedules, entries)}
     report = write_report(
         out,
         records,
         schedules=schedules,
-        samples={n: samples[(e[0], e[1])][:16].cpu() for n, e in zip(schedules, entries)},
-        extra={"model": model.model_id, "samples": args.samples, "seed": args.seed},
+        samples=drawn,
+        notes=notes,
+        extra={
+            "model": model.model_id,
+            "reference_model": base.model_id,
+            "samples": args.samples,
+            "seed": args.seed,
+            "solver": args.solver,
+            "finetuned_iterations": iterations,
+            "warnings": warnings,
+        },
         title=f"bossflow evaluate: {model.model_id}",
     )
     print(markdown_table(records))
@@ -241,18 +479,155 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_log(quiet: bool):
+    def log(line: str) -> None:
+        if not quiet:
+            print(line, flush=True)
+
+    return log
+
+
+def _shape_notes(shape: tuple[int, ...]) -> list[str]:
+    """What evaluate skips for samples of this shape, and why."""
+    if _is_image(shape):
+        return []
+    what = "2-D points" if _is_points(shape) else f"samples shaped ({_shape_text(shape)})"
+    drawn = "they are drawn as a scatter plot" if _is_points(shape) else "no sample figure is drawn"
+    return [
+        f"{what} are not 1- or 3-channel images: PSNR, sample grids and the Fréchet distance in "
+        f"image features are skipped; {drawn}"
+    ]
+
+
+def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 64):
+    """:func:`reference_solve` of ``noise`` in chunks, with a progress bar on a terminal."""
+    import torch
+
+    from .progress import progress_bar
+    from .solvers import reference_solve
+
+    parts = []
+    with progress_bar(
+        total=noise.shape[0], desc="reference", unit="noise", enabled=progress
+    ) as bar:
+        for start in range(0, noise.shape[0], chunk):
+            parts.append(reference_solve(field, noise[start : start + chunk], steps=steps))
+            bar.update(parts[-1].shape[0])
+    return torch.cat(parts)
+
+
+def _finetuned_iterations(path: str | None) -> int | None:
+    """``iterations`` from the JSON that save_straightened writes next to ``model.safetensors``."""
+    if not path:
+        return None
+    import json
+
+    try:
+        value = json.loads(Path(path).with_suffix(".json").read_text()).get("iterations")
+    except (OSError, ValueError, AttributeError):
+        return None  # weights without their provenance file: iterations unknown
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _foreign_schedule(schedule, base, model) -> str | None:
+    """The model a schedule was made for, if it is recorded and is neither ``base`` nor ``model``."""
+    from .straighten import module_fingerprint
+
+    prov = schedule.provenance
+    made_for = prov.get("model")
+    if prov.get("model_fingerprint") is not None:
+        ours = {module_fingerprint(base.field), module_fingerprint(model.field)}
+        return None if prov["model_fingerprint"] in ours else str(made_for or "another model")
+    if made_for is None or made_for in (base.model_id, model.model_id):
+        return None
+    return str(made_for)
+
+
 # -- straighten --------------------------------------------------------------------------------
 def cmd_straighten(args: argparse.Namespace) -> int:
-    from .io import ensure_dir
-    from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
     from .schedule import Schedule
-    from .straighten import StraightenConfig, make_pairs, save_straightened, straighten
 
-    out = ensure_dir(args.out)
-    model = _load(args)
+    # Everything that can be checked without the model is checked before the long phases.
+    device = _device(args.device)
+    config = _straighten_config(args)
     schedule = Schedule.load(args.schedule)
-    kmax = int(schedule.provenance.get("k_max", args.kmax))
-    source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
+    kmax = _schedule_kmax(schedule, args.schedule, args.kmax)
+    with _output_dir(args.out) as out:
+        return _straighten(args, out, device, config, schedule, kmax)
+
+
+def _straighten_config(args: argparse.Namespace):
+    """The :class:`StraightenConfig` of the options, checked (holdout against --pairs, peft)."""
+    from .errors import require
+    from .straighten import StraightenConfig
+
+    holdout = args.holdout
+    if isinstance(holdout, float):
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(
+                f"--holdout {_num(holdout)} is not a fraction in [0, 1); give a fraction such as "
+                "0.1 or a count such as 100"
+            )
+        held = max(1, round(holdout * args.pairs)) if holdout > 0 else 0
+    else:
+        if holdout < 0:
+            raise ConfigError(f"--holdout {holdout} is negative; give a fraction or a count >= 0")
+        held = holdout
+    if held >= args.pairs:
+        raise ConfigError(
+            f"--holdout {_num(holdout)} holds out {held} of the {args.pairs} --pairs noises and "
+            "leaves none for training; hold out fewer or raise --pairs"
+        )
+    if args.select == "best" and held == 0:
+        raise ConfigError(
+            "--select best needs held-out noises: give --holdout > 0 or --select last"
+        )
+    if args.lora_rank > 0:
+        require("peft", "lora", f"--lora-rank {args.lora_rank} (LoRA straightening)")
+    config = StraightenConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        objective=args.objective,
+        holdout=holdout,
+        select=args.select,
+        eval_every=max(1, args.iterations // 20),
+        checkpoint_every=args.checkpoint_every,
+    )
+    config.check()
+    return config
+
+
+def _schedule_kmax(schedule, path: str, default: int) -> int:
+    """The fine grid a schedule was made on (its recorded ``k_max``), else ``--kmax``."""
+    if "k_max" not in schedule.provenance:
+        return default
+    raw = schedule.provenance["k_max"]
+    whole = (
+        isinstance(raw, (int, float))
+        and not isinstance(raw, bool)
+        and math.isfinite(raw)
+        and raw == int(raw)
+        and raw >= 1
+    )
+    if not whole:
+        shown = "null" if raw is None else repr(raw) if isinstance(raw, str) else str(raw)
+        raise ConfigError(
+            f"schedule file {path} records k_max {shown}, which is not a positive whole number; "
+            "fix it, or delete the k_max entry and pass --kmax"
+        )
+    return int(raw)
+
+
+def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> int:
+    from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
+    from .straighten import make_pairs, save_straightened, straighten
+
+    model = _load(args)
+    source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
         model.field,
         OffsetNoise(source, STAGE_OFFSETS["pairs"]),
@@ -264,25 +639,13 @@ def cmd_straighten(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         meta={"model": model.model_id, "seed": args.seed},
     )
-    config = StraightenConfig(
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        lora_rank=args.lora_rank,
-        seed=args.seed,
-        objective=args.objective,
-        holdout=args.holdout,
-        select=args.select,
-        eval_every=max(1, args.iterations // 20),
-        checkpoint_every=args.checkpoint_every,
-    )
     result = straighten(model.field, pairs, schedule, config, out / "train", not args.quiet)
     path = save_straightened(result, out / "model.safetensors")
     last = result.history[-1] if result.history else {}
     print(
         f"{args.objective}: {result.iterations} iterations in {result.wall_s:.1f} s, held-out "
-        f"one-step error {last.get('heldout_loss')} (best at iteration {result.best_iteration})"
+        f"one-step error {_num(last.get('heldout_loss'))} (best at iteration "
+        f"{result.best_iteration})"
     )
     print(f"wrote {path}; use it with --finetuned {path}")
     return 0
@@ -308,7 +671,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- train-base ----------------------------------------------------------------------------------
 def cmd_train_base(args: argparse.Namespace) -> int:
     from .io import ensure_dir
-    from .train_base import train_and_save
+    from .recipes.digits import train_and_save
 
     out = ensure_dir(args.out)
     flow = {"steps": args.steps} if args.steps else {}
@@ -330,10 +693,21 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+    from .bellman.cost import METRICS
+    from .data import DATASETS
+    from .pipeline import DemoConfig
+    from .schedule import SCHEDULES
+    from .solvers import SOLVERS
+    from .straighten import OBJECTIVES, StraightenConfig
+
+    parser = _Parser(
         prog="bossflow",
-        description="Bellman optimal step sizes and straightening for flow-matching models.",
+        description="Bellman optimal step sizes and straightening for flow-matching models. "
+        "Time runs from 0 (noise) to 1 (data). Run 'bossflow COMMAND --help' for a command's "
+        "options.",
     )
+    parser.add_argument("--version", action="version", version=f"bossflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -348,89 +722,110 @@ def build_parser() -> argparse.ArgumentParser:
         "--nfe",
         type=_int_list,
         default=[2, 4, 6, 8],
-        help="Euler step budgets, comma-separated (default: 2,4,6,8)",
+        help="Euler step budgets, comma-separated",
     )
     p.add_argument(
-        "--kmax",
-        type=_positive,
-        default=100,
-        help="intervals N of the fine uniform grid (default: 100)",
+        "--kmax", type=_positive, default=100, help="intervals N of the fine uniform grid"
     )
     p.add_argument(
         "--samples",
         type=_positive,
         default=256,
-        help="number of noises M averaged in the cost matrix (default: 256)",
+        help="number of noises M averaged in the cost matrix",
     )
     p.add_argument(
         "--batch-size",
         type=_positive,
         default=64,
-        help="trajectories integrated at once; does not change the result (default: 64)",
+        help="trajectories integrated at once; does not change the result",
     )
     p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="noise seed: sample m's noise depends only on (seed, m) (default: 0)",
+        "--seed", type=int, default=0, help="noise seed: sample m's noise depends only on (seed, m)"
     )
     p.add_argument(
-        "--metric", default="sq_l2", help="jump cost: sq_l2 (the paper's, default), l2, l1"
+        "--metric",
+        default="sq_l2",
+        choices=list(METRICS),
+        help="cost of one Euler jump (sq_l2 is the paper's)",
     )
     p.add_argument(
         "--out",
         default="runs/schedule",
-        help="output folder for cost_matrix.npz and schedule_nfe*.json (default: runs/schedule)",
+        help="output folder for cost_matrix.npz and schedule_nfe*.json",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_schedule)
 
-    def schedule_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--schedule",
-            action="append",
-            help="a schedule JSON (from 'bossflow schedule'); may be repeated",
-        )
-        p.add_argument("--nfe", type=_int_list, help="step counts for --spacing grids, e.g. 2,4")
-        p.add_argument(
-            "--spacing",
-            default="uniform",
-            help="built-in grids for --nfe: uniform, edm (comma-separated; sample also takes quadratic)",
-        )
-
-    p = sub.add_parser("sample", help="sample from a model on a schedule and write a PNG grid")
+    p = sub.add_parser(
+        "sample",
+        help="sample from a model on one schedule and write a PNG grid",
+        description="Sample --n noises with one schedule: a schedule JSON from 'bossflow "
+        "schedule' or --nfe K steps of a built-in --spacing. Images (1 or 3 channels) become a "
+        "PNG grid, 2-D points a scatter plot; any other shape is saved as a tensor (.pt).",
+    )
     add_model_options(p)
-    schedule_options(p)
-    p.add_argument("--solver", default="euler", choices=["euler", "heun", "midpoint"])
-    p.add_argument("--n", type=_positive, default=64, help="number of samples (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--schedule", help="one schedule JSON (from 'bossflow schedule')")
+    p.add_argument(
+        "--nfe", type=_positive, help="steps of a built-in --spacing grid, instead of --schedule"
+    )
+    p.add_argument(
+        "--spacing", default="uniform", choices=list(SCHEDULES), help="built-in grid for --nfe"
+    )
+    p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver")
+    p.add_argument("--n", type=_positive, default=64, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--scale", type=_positive, default=8, help="pixel upscaling of the grid")
-    p.add_argument("--out", default="samples.png", help="PNG file to write (default: samples.png)")
-    p.add_argument("--save-tensor", help="also save the raw samples to this .pt file")
+    p.add_argument(
+        "--out",
+        default="samples.png",
+        help="PNG file to write (samples that are not images go to the same name with .pt)",
+    )
+    p.add_argument(
+        "--save-tensor", help="also save the raw samples to this .pt file (default: not saved)"
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
         "evaluate",
         help="compare schedules by error to a reference solve (and Fréchet distance on digits)",
+        description="Sample the same held-out noises with every schedule given and compare each "
+        "with a fine Euler reference solve from the same noise: MSE, PSNR (images), Fréchet "
+        "distance (digits). Writes report.md, plots and results.json (last) in --out.",
     )
     add_model_options(p)
-    schedule_options(p)
     p.add_argument(
-        "--samples", type=_positive, default=256, help="held-out evaluation noises (default: 256)"
+        "--schedule",
+        action="append",
+        help="a schedule JSON (from 'bossflow schedule'); repeat the option for several "
+        "(default: none)",
     )
     p.add_argument(
-        "--reference-steps",
-        type=_positive,
-        default=1000,
-        help="Euler steps of the reference solve (default: 1000)",
+        "--nfe", type=_int_list, help="step counts of --spacing grids, comma-separated, e.g. 2,4"
+    )
+    p.add_argument(
+        "--spacing",
+        default=["uniform"],
+        type=_choice_list(SCHEDULES, "spacing"),
+        help=f"built-in grids for --nfe, comma-separated from {', '.join(SCHEDULES)}",
+    )
+    p.add_argument("--samples", type=_positive, default=256, help="held-out evaluation noises")
+    p.add_argument(
+        "--reference-steps", type=_positive, default=1000, help="Euler steps of the reference solve"
     )
     p.add_argument(
         "--method",
-        help="method label in the results, e.g. boss for a --finetuned model (default: each "
-        "schedule's own: uniform, edm, bellman)",
+        help="method label in the results, any text, e.g. boss for a --finetuned model "
+        "(default: each schedule's own: uniform, edm, bellman)",
     )
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--out", default="runs/evaluate", help="output folder (default: runs/evaluate)")
+    p.add_argument(
+        "--solver",
+        default="euler",
+        choices=sorted(SOLVERS),
+        help="solver used on every schedule; NFE is counted (default: euler)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="runs/evaluate", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no stage lines or progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -441,52 +836,74 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning with the same --out resumes pairs and training.",
     )
     add_model_options(p)
-    p.add_argument("--schedule", required=True, help="schedule JSON from 'bossflow schedule'")
+    lib = StraightenConfig()  # the library's defaults are the CLI's
+    p.add_argument(
+        "--schedule", required=True, help="schedule JSON from 'bossflow schedule' (required)"
+    )
     p.add_argument(
         "--pairs",
         type=_positive,
         default=4096,
-        help="training noises (10%% are held out for validation; default: 4096)",
+        help="training noises, of which --holdout are held out for validation",
     )
     p.add_argument(
         "--kmax",
         type=_positive,
         default=100,
-        help="fine grid intervals if the schedule does not record its K_max",
+        help="fine grid intervals if the schedule does not record its k_max",
     )
-    p.add_argument("--iterations", type=_positive, default=1000)
-    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument(
+        "--iterations", type=_positive, default=lib.iterations, help="optimisation steps"
+    )
+    p.add_argument("--batch-size", type=_positive, default=lib.batch_size, help="pairs per step")
     p.add_argument(
         "--batch",
         type=_positive,
         default=256,
         help="trajectories integrated at once while making pairs",
     )
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--lr", type=_positive_float, default=lib.lr, help="peak learning rate")
+    p.add_argument(
+        "--warmup",
+        type=_non_negative,
+        default=lib.warmup,
+        help="iterations of linear learning-rate warmup",
+    )
     p.add_argument(
         "--lora-rank",
-        type=int,
-        default=0,
-        help="0: full fine-tuning (default); r > 0: LoRA of rank r (needs peft)",
+        type=_non_negative,
+        default=lib.lora_rank,
+        help="0: full fine-tuning; r > 0: LoRA adapters of rank r (needs peft)",
     )
-    p.add_argument("--objective", choices=["boss", "reflow"], default="boss")
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default=lib.objective,
+        help="boss: one Euler step per schedule interval (paper eq. 9); reflow: the baseline",
+    )
     p.add_argument(
         "--holdout",
         type=_fraction_or_count,
-        default=0.1,
+        default=lib.holdout,
         help="noises held out to track the one-step error: a fraction (0.1) or a count (100)",
     )
     p.add_argument(
         "--select",
         choices=["best", "last"],
-        default="best",
+        default=lib.select,
         help="keep the weights with the best held-out error, or the last ones",
     )
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/straighten")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_non_negative,
+        default=lib.checkpoint_every,
+        help="iterations between checkpoints (0: only at the end)",
+    )
+    p.add_argument("--seed", type=int, default=lib.seed, help="noise and training seed")
+    p.add_argument(
+        "--out", default="runs/straighten", help="output folder (pairs/, train/, model.safetensors)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_straighten)
 
     p = sub.add_parser(
@@ -496,21 +913,34 @@ def build_parser() -> argparse.ArgumentParser:
         "-> reflow at the same iterations -> evaluation of every method on held-out noises -> "
         "report.md, results.json, plots and sample grids. Rerun to resume.",
     )
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    full, quick = DemoConfig(), DemoConfig.quick()
+
+    def sizes(name: str) -> str:
+        return f"(default: {getattr(full, name)}; with --quick {getattr(quick, name)})"
+
+    p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a sub-minute version (tiny sizes)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--iterations", type=_positive, help="fine-tuning iterations per run")
-    p.add_argument("--pair-samples", type=_positive, help="straightening noises")
-    p.add_argument("--eval-samples", type=_positive, help="held-out evaluation noises")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, help=f"seed of every noise and training run {sizes('seed')}")
+    p.add_argument(
+        "--iterations", type=_positive, help=f"fine-tuning iterations per run {sizes('iterations')}"
+    )
+    p.add_argument(
+        "--pair-samples", type=_positive, help=f"straightening noises {sizes('pair_samples')}"
+    )
+    p.add_argument(
+        "--eval-samples", type=_positive, help=f"held-out evaluation noises {sizes('eval_samples')}"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto")
+    p.add_argument("--quiet", action="store_true", help="no stage lines or progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "train-base",
         help="retrain the shipped digits model and classifier (writes .safetensors + .json)",
+        description="Train the small digits UNet (flow matching) and the digit classifier used "
+        "for the Fréchet distance, from scratch, and write them as .safetensors + .json.",
     )
-    p.add_argument("--out", default="runs/base", help="folder for the weights (default: runs/base)")
+    p.add_argument("--out", default="runs/base", help="folder for the weights")
     p.add_argument("--steps", type=_positive, help="flow training steps (default: as shipped)")
     p.add_argument(
         "--classifier-steps", type=_positive, help="classifier training steps (default: as shipped)"
@@ -519,16 +949,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-samples",
         type=_positive,
         default=500,
-        help="samples drawn to check the trained flow (default: 500)",
+        help="samples drawn to check the trained flow",
     )
     p.add_argument(
         "--dataset",
         default="digits",
-        choices=["digits", "mnist"],
+        choices=list(DATASETS),
         help="training data (mnist needs the 'mnist' extra)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_base)
     return parser
 
@@ -546,7 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .io import output_lock
 
             command = " ".join(["bossflow", *(sys.argv[1:] if argv is None else argv)])
-            with output_lock(args.out, command[:200]):
+            # checked and created before the lock; removed again if the run fails and leaves it empty
+            with _output_dir(args.out) as out, output_lock(out, command[:200]):
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except BossflowError as err:

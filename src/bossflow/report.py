@@ -660,10 +660,10 @@ def write_report(
         if kind == "images":
             save_comparison_grid(rows, out / name, scale=scale)
         elif kind == "points":
-            plot_points(rows, out / name, title=caption)
             caption = caption.replace(
                 "one row per method, same noise in each column", "one colour per method"
             )
+            plot_points(rows, out / name, title=caption)
         else:
             shapes = sorted({tuple(x.shape[1:]) for x in rows.values()})
             notes.append(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import load_torch_weights
 from .errors import CheckpointError, ConfigError
 from .field import (
     DiffusersField,
@@ -84,7 +85,9 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
             from safetensors.torch import load_file
 
             return load_file(str(path), device=str(map_location))
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_torch_weights(path, map_location)
+    except CheckpointError:  # pickled code, refused: the message names the global
+        raise
     except Exception as err:  # any reader error means the file is not a usable checkpoint
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}"
@@ -145,6 +148,11 @@ BUILTIN_MODELS: dict[str, Callable[..., LoadedModel]] = {
     "spiral": _load_spiral,
 }
 
+_SPEC_FORMS = (
+    f"use a built-in name ({', '.join(sorted(BUILTIN_MODELS))}), rectified-flow:CONFIG with "
+    "--checkpoint, or package.module:callable"
+)
+
 
 def load_model(
     spec: str,
@@ -154,7 +162,19 @@ def load_model(
     device: str | torch.device = "cpu",
     weights: str = "ema",
 ) -> LoadedModel:
-    """Resolve a model spec (see module docstring) to a :class:`LoadedModel` on ``device``."""
+    """Resolve a model spec (see module docstring) to a :class:`LoadedModel` on ``device``.
+
+    The same specs as the command line's ``--model``: ``load_model("digits")`` is the shipped
+    model, ``load_model("mypkg.nets:make", shape="2")`` a network of your own. The result's
+    ``.field`` is the velocity field and ``.sample_shape`` the shape of one sample.
+
+    Raises:
+        ConfigError: the spec is unknown or malformed, or an option does not fit it.
+        CheckpointError: the checkpoint cannot be read or does not fit the network.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--model must name a model, got {spec!r}; {_SPEC_FORMS}")
+    spec = spec.strip()
     if spec in BUILTIN_MODELS:
         loaded = BUILTIN_MODELS[spec](checkpoint=checkpoint)
     elif spec.startswith("rectified-flow:"):
@@ -162,10 +182,7 @@ def load_model(
     elif ":" in spec:
         loaded = _load_callable(spec, checkpoint, convention, _parse_shape(shape))
     else:
-        raise ConfigError(
-            f"unknown model {spec!r}; use a built-in name ({', '.join(sorted(BUILTIN_MODELS))}), "
-            "rectified-flow:CONFIG with --checkpoint, or package.module:callable"
-        )
+        raise ConfigError(f"unknown model {spec!r}; {_SPEC_FORMS}")
     if shape is not None:
         loaded.sample_shape = _parse_shape(shape)
     loaded.field.eval()
@@ -173,6 +190,11 @@ def load_model(
 
 
 def _load_rectified_flow(config: str, checkpoint: str | None, weights: str, device) -> LoadedModel:
+    if not config.strip():
+        raise ConfigError(
+            "rectified-flow:CONFIG needs a config after the colon: cifar10, celeba_hq, church, "
+            "bedroom, afhq_cat or a JSON config file"
+        )
     if checkpoint is None:
         raise ConfigError(
             "rectified-flow models need --checkpoint PATH (the released checkpoint_*.pth file)"
@@ -189,19 +211,43 @@ def _load_rectified_flow(config: str, checkpoint: str | None, weights: str, devi
     )
 
 
+def _dotted(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
 def _load_callable(spec: str, checkpoint, convention, shape) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
+    if not (_dotted(module_name) and _dotted(attr)):
+        raise ConfigError(
+            f"--model {spec!r} is not package.module:callable (both parts are needed, e.g. "
+            f"mypkg.nets:make_model); {_SPEC_FORMS}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(f"cannot import {module_name!r} from --model {spec!r}: {err}") from None
-    try:
-        factory = getattr(module, attr)
-    except AttributeError:
+    except Exception as err:  # the module itself failed while importing
         raise ConfigError(
-            f"module {module_name!r} has no attribute {attr!r} (--model {spec!r})"
+            f"importing {module_name!r} for --model {spec!r} failed: {type(err).__name__}: {err}"
         ) from None
-    network = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    factory = module
+    for part in attr.split("."):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
+            raise ConfigError(
+                f"module {module_name!r} has no attribute {attr!r} (--model {spec!r})"
+            ) from None
+    if callable(factory) and not isinstance(factory, nn.Module):
+        try:
+            network = factory()
+        except Exception as err:
+            raise ConfigError(
+                f"calling {attr}() for --model {spec!r} failed: {type(err).__name__}: {err}; "
+                "the callable must take no arguments and return an nn.Module"
+            ) from None
+    else:
+        network = factory
     if not isinstance(network, nn.Module):
         raise ConfigError(f"--model {spec!r} must give an nn.Module, got {type(network).__name__}")
     if checkpoint is not None:

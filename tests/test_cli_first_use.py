@@ -1,0 +1,251 @@
+"""First use of the command line: help, up-front option checks, any sample shape."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bossflow import Schedule
+from bossflow.cli import build_parser, main
+
+POINT_MODEL = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x, t[:, None]], 1))
+"""
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+# -- help ---------------------------------------------------------------------------------------
+def test_every_option_has_help_with_its_default_and_every_command_a_description():
+    commands = subcommands()
+    assert set(commands) == {"schedule", "sample", "evaluate", "straighten", "demo", "train-base"}
+    for name, parser in commands.items():
+        assert parser.description, f"{name} has no description"
+        text = parser.format_help()
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            option = action.option_strings[0]
+            assert action.help, f"{name} {option} has no help"
+            shown = formatter._get_help_string(action)
+            assert action.required or "(default" in shown, f"{name} {option}: {shown!r}"
+            assert option in text
+        # the defaults are shown in the --help text itself
+        assert "(default:" in " ".join(text.split())
+
+
+def test_help_shows_the_library_defaults_and_the_registries():
+    from bossflow.bellman.cost import METRICS
+    from bossflow.schedule import SCHEDULES
+    from bossflow.solvers import SOLVERS
+    from bossflow.spec import CONVENTIONS
+    from bossflow.straighten import OBJECTIVES, StraightenConfig
+
+    commands = subcommands()
+
+    def action(command, option):
+        return next(a for a in commands[command]._actions if option in a.option_strings)
+
+    lib = StraightenConfig()
+    for option, field in [("--select", "select"), ("--warmup", "warmup"), ("--lr", "lr")]:
+        assert action("straighten", option).default == getattr(lib, field)
+    assert list(action("straighten", "--objective").choices) == list(OBJECTIVES)
+    assert list(action("sample", "--solver").choices) == list(SOLVERS)
+    assert list(action("sample", "--spacing").choices) == list(SCHEDULES)
+    assert list(action("schedule", "--metric").choices) == list(METRICS)
+    assert list(action("schedule", "--convention").choices) == list(CONVENTIONS)
+    help_text = " ".join(commands["straighten"].format_help().split())
+    assert f"(default: {lib.select})" in help_text
+
+
+def test_sample_help_promises_one_schedule_and_shape_any_shape():
+    text = " ".join(subcommands()["sample"].format_help().split())
+    assert "repeat" not in text and "comma-separated" not in text.split("--shape")[0]
+    assert "any number of comma-separated sizes" in text  # --shape
+    assert run("sample", "--model", "spiral", "--nfe", 2, "--out", "x.png", "--schedule", "s") == 2
+
+
+def test_version_and_python_m_bossflow():
+    from bossflow import __version__
+
+    out = subprocess.run(
+        [sys.executable, "-m", "bossflow", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == f"bossflow {__version__}"
+    usage = subprocess.run(
+        [sys.executable, "-m", "bossflow", "sample", "--help"], capture_output=True, text=True
+    )
+    assert usage.returncode == 0 and "--solver" in usage.stdout
+
+
+# -- options checked before long phases ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spiral_schedule(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sched")
+    assert (
+        run(
+            "schedule",
+            "--model",
+            "spiral",
+            "--nfe",
+            2,
+            "--kmax",
+            8,
+            "--samples",
+            4,
+            "--quiet",
+            "--out",
+            out,
+        )
+        == 0
+    )
+    return out / "schedule_nfe2.json"
+
+
+def schedule_with_kmax(tmp_path, source, value):
+    data = json.loads(source.read_text())
+    data["provenance"]["k_max"] = value
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--lr", "-1"], "argument --lr: expected a positive number, got -1"),
+        (["--lr", "nan"], "expected a positive number"),
+        (["--warmup", "-3"], "argument --warmup: expected an integer >= 0, got -3"),
+        (["--holdout", "1.5"], "--holdout 1.5 is not a fraction in [0, 1)"),
+        (["--pairs", "8", "--holdout", "8"], "holds out 8 of the 8 --pairs noises"),
+        (["--select", "best", "--holdout", "0"], "--select best needs held-out noises"),
+        (["--lora-rank", "-1"], "argument --lora-rank: expected an integer >= 0"),
+        (["kmax=abc"], "records k_max 'abc', which is not a positive whole number"),
+        (["kmax=null"], "records k_max null, which is not a positive whole number"),
+        (["--model", ":"], "--model ':' is not package.module:callable"),
+        (["--model", "rectified-flow:"], "rectified-flow:CONFIG needs a config"),
+        (["--model", "os.path:join"], "calling join() for --model 'os.path:join' failed"),
+    ],
+)
+def test_straighten_bad_options_fail_fast_on_one_line_and_leave_no_out(
+    tmp_path, capsys, spiral_schedule, options, message
+):
+    schedule = spiral_schedule
+    if options[0].startswith("kmax="):
+        value = {"kmax=abc": "abc", "kmax=null": None}[options[0]]
+        schedule, options = schedule_with_kmax(tmp_path, spiral_schedule, value), []
+    out = tmp_path / "new" / "out"
+    model = [] if "--model" in options else ["--model", "spiral"]
+    argv = ["straighten", *model, "--schedule", str(schedule), "--out", str(out), *options]
+    start = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err and "np.float64" not in err
+    assert elapsed < 1.0  # before any pairs are made
+    assert not (tmp_path / "new").exists()  # no empty --out (or parent) left behind
+
+
+def test_lora_without_peft_fails_up_front(tmp_path, capsys, monkeypatch, spiral_schedule):
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes "import peft" fail
+    out = tmp_path / "o"
+    argv = ("straighten", "--model", "spiral", "--schedule", spiral_schedule, "--lora-rank", 4)
+    assert run(*argv, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "--lora-rank 4 (LoRA straightening) needs the optional package 'peft'" in err
+    assert "pip install 'bossflow[lora]'" in err and not out.exists()
+
+
+def test_output_folder_that_cannot_be_created(tmp_path, capsys):
+    assert run("schedule", "--model", "spiral", "--quiet", "--out", "/proc/bossflow-test/o") == 2
+    assert "cannot create output folder /proc/bossflow-test" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run("sample", "--model", "spiral", "--nfe", 2, "--out", blocker / "x.png") == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert run("sample", "--model", "spiral", "--nfe", 2, "--out", tmp_path) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_failed_model_check_removes_the_out_it_created_but_keeps_others(tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    assert run("schedule", "--model", "nope", "--quiet", "--out", fresh) == 2
+    assert not fresh.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert run("schedule", "--model", "nope", "--quiet", "--out", kept) == 2
+    assert kept.is_dir()  # the user's folder stays, even empty
+
+
+# -- any sample shape -------------------------------------------------------------------------------
+def test_spiral_through_schedule_sample_and_evaluate(tmp_path, capsys, spiral_schedule):
+    png = tmp_path / "x.png"
+    assert run("sample", "--model", "spiral", "--nfe", 4, "--n", 8, "--out", png) == 0
+    printed = capsys.readouterr().out
+    assert "not 1- or 3-channel images" in printed and not png.exists()
+    assert torch.load(tmp_path / "x.pt")["samples"].shape == (8, 2, 4, 4)
+    ev = tmp_path / "ev"
+    args = ("--schedule", spiral_schedule, "--nfe", 2, "--samples", 8, "--reference-steps", 16)
+    assert run("evaluate", "--model", "spiral", *args, "--out", ev) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("note:") < printed.index("[1/3] reference solve")  # decided up front
+    records = json.loads((ev / "results.json").read_text())["records"]
+    assert {r["psnr"] for r in records} == {"nan"} and all(
+        r["mse_to_reference"] > 0 for r in records
+    )
+    report = (ev / "report.md").read_text()
+    assert "PSNR, sample grids" in report and not (ev / "samples.png").exists()
+
+
+def test_point_model_through_every_command(tmp_path, monkeypatch, capsys):
+    (tmp_path / "pointnet.py").write_text(POINT_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = ("--model", "pointnet:Net", "--shape", 2, "--device", "cpu")
+    sched = tmp_path / "sched"
+    assert (
+        run("schedule", *model, "--nfe", 2, "--kmax", 8, "--samples", 8, "--quiet", "--out", sched)
+        == 0
+    )
+    schedule = sched / "schedule_nfe2.json"
+    assert Schedule.load(schedule).steps == 2
+    png = tmp_path / "points.png"
+    assert run("sample", *model, "--schedule", schedule, "--n", 32, "--out", png) == 0
+    assert "scatter" in capsys.readouterr().out
+    assert png.stat().st_size > 0 and torch.load(tmp_path / "points.pt")["samples"].shape == (32, 2)
+    tuned = tmp_path / "tuned"
+    train = ("--pairs", 16, "--iterations", 3, "--batch-size", 4, "--quiet")
+    assert run("straighten", *model, "--schedule", schedule, *train, "--out", tuned) == 0
+    ev = tmp_path / "ev"
+    finetuned = ("--finetuned", tuned / "model.safetensors", "--method", "boss")
+    sizes = ("--samples", 16, "--reference-steps", 8, "--quiet")
+    assert run("evaluate", *model, "--schedule", schedule, *finetuned, *sizes, "--out", ev) == 0
+    (record,) = json.loads((ev / "results.json").read_text())["records"]
+    assert record["method"] == "boss" and record["iterations"] == 3  # from tuned/model.json
+    assert "](samples.png)" in (ev / "report.md").read_text()
