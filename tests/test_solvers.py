@@ -108,3 +108,89 @@ def test_diffusers_scheduler_follows_our_euler_steps(z):
     np.testing.assert_allclose(sched.sigmas.numpy(), 1.0 - schedule.times, atol=1e-7)
     # and our adapter, fed the same model, gives our field back
     torch.testing.assert_close(sample(DiffusersField(model), z, schedule), ours)
+
+
+# -- variable-step Adams-Bashforth -------------------------------------------------------------
+class _TimeOnly(torch.nn.Module):
+    """v(x, t) = p(t), a polynomial in t alone: the trajectory is its integral (closed form)."""
+
+    def __init__(self, coefficients):
+        super().__init__()
+        self.c = coefficients  # p(t) = sum_i c_i t^i
+
+    def forward(self, x, t):
+        tt = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return sum(c * tt**i for i, c in enumerate(self.c)) * torch.ones_like(x)
+
+    def integral(self, a, b):
+        return sum(c * (b ** (i + 1) - a ** (i + 1)) / (i + 1) for i, c in enumerate(self.c))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_adams_bashforth_weights_integrate_polynomials_of_their_degree_exactly(order):
+    from bossflow.solvers import adams_bashforth_weights
+
+    rng = np.random.default_rng(order)
+    for _ in range(20):
+        nodes = list(np.sort(rng.uniform(0, 0.6, size=order)))
+        t_next = nodes[-1] + rng.uniform(0.01, 0.4)
+        coefficients = rng.normal(size=order)  # degree order - 1
+        poly = _TimeOnly(list(coefficients))
+        weights = adams_bashforth_weights(nodes, t_next)
+        values = [sum(c * n**i for i, c in enumerate(coefficients)) for n in nodes]
+        approx = sum(w * f for w, f in zip(weights, values))
+        assert approx == pytest.approx(poly.integral(nodes[-1], t_next), rel=1e-11, abs=1e-12)
+
+
+def test_ab2_on_variable_steps_matches_a_hand_computed_solve():
+    field = lambda x, t: -x + t.view(-1, 1)  # noqa: E731
+    x0 = torch.tensor([[1.0], [-0.5]], dtype=torch.float64)
+    f = lambda x, t: -x + t  # noqa: E731
+    x1 = x0 + 0.2 * f(x0, 0.0)
+    f0, f1 = f(x0, 0.0), f(x1, 0.2)
+    x2 = x1 + 0.3 * ((1 + 0.3 / 0.4) * f1 - (0.3 / 0.4) * f0)
+    f2 = f(x2, 0.5)
+    x3 = x2 + 0.5 * ((1 + 0.5 / 0.6) * f2 - (0.5 / 0.6) * f1)
+    got = sample(field, x0, [0.0, 0.2, 0.5, 1.0], solver="ab2")
+    torch.testing.assert_close(got, x3, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_adams_bashforth_is_exact_after_its_start_on_polynomial_trajectories(order):
+    times = [0.0, 0.1, 0.25, 0.45, 0.7, 1.0]
+    field = _TimeOnly([0.3, -1.2, 0.8][:order])  # trajectory: a polynomial of degree `order`
+    x0 = torch.zeros(3, 2, dtype=torch.float64)
+    got = sample(field, x0, times, solver=f"ab{order}")
+    # the first step is Euler and (for ab3) the second ab2; each is exact on lower degrees only,
+    # so compute those start-up increments and add the exact integral from there on
+    f = [float(field(x0[:1], torch.tensor([t], dtype=torch.float64))[0, 0]) for t in times]
+    start = 0.1 * f[0]
+    exact_from = 1
+    if order == 3:
+        start += 0.15 * ((1 + 0.15 / 0.2) * f[1] - (0.15 / 0.2) * f[0])
+        exact_from = 2
+    expected = start + field.integral(times[exact_from], 1.0)
+    torch.testing.assert_close(got, torch.full_like(got, expected), rtol=1e-12, atol=1e-12)
+    # Euler is not exact here: the test can tell the difference
+    euler_x = sample(field, x0, times, solver="euler")
+    assert float((euler_x - got).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("solver, per_step", [("ab2", 1), ("ab3", 1), ("euler", 1), ("heun", 2)])
+def test_multistep_solvers_count_one_evaluation_per_step(solver, per_step):
+    field = NFECounter(SpiralField())
+    sample(field, torch.ones(2, 4), uniform(5), solver=solver)
+    assert field.nfe == nfe_for(solver, 5) == 5 * per_step
+
+
+def test_sample_is_differentiable_in_learned_times_and_scales():
+    field = SpiralField(rate=-0.3, omega=2.0)
+    x0 = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    inner = torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    scales = torch.tensor([1.0, 0.9, 1.1], dtype=torch.float64, requires_grad=True)
+
+    def loss(inner, scales):
+        times = torch.cat([inner.new_zeros(1), inner, inner.new_ones(1)])
+        return sample(field, x0, times, solver="ab2", scales=scales, grad=True).pow(2).sum()
+
+    torch.autograd.gradcheck(loss, (inner, scales))
