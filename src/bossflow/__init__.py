@@ -20,6 +20,7 @@ from .bellman import CostMatrix, bellman_schedules, cost_matrix
 from .errors import BossflowError
 from .field import NFECounter, VelocityField
 from .noise import NoiseSource
+from .sampler import Sampler, load_schedule
 from .schedule import Schedule, edm, quadratic, uniform
 from .solvers import reference_solve, sample
 from .spec import LoadedModel, load_model
@@ -34,6 +35,7 @@ __all__ = [
     "NFECounter",
     "NoiseSource",
     "PairStore",
+    "Sampler",
     "Schedule",
     "StraightenConfig",
     "VelocityField",
@@ -41,6 +43,7 @@ __all__ = [
     "cost_matrix",
     "edm",
     "load_model",
+    "load_schedule",
     "make_pairs",
     "quadratic",
     "reference_solve",

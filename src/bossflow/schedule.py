@@ -31,6 +31,20 @@ __all__ = [
 _FORMAT = "bossflow.schedule/1"
 
 
+def _format_version(fmt: Any, family: str, where: str) -> int:
+    """The version N of a ``bossflow.<family>/N`` format; one clear line for a newer one."""
+    try:
+        version = int(str(fmt).split("/", 1)[1])
+    except (IndexError, ValueError):
+        raise ScheduleError(f"{where}: unknown format {fmt!r}") from None
+    if version > 1:
+        raise ScheduleError(
+            f"{where} is a {family} file of format version {version}, written by a newer bossflow; "
+            "this one reads version 1. Upgrade bossflow (pip install -U bossflow)."
+        )
+    return version
+
+
 def _validated_times(times: Any) -> np.ndarray:
     try:
         arr = np.asarray(times, dtype=np.float64)
@@ -165,6 +179,13 @@ class Schedule:
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
         if not isinstance(data, Mapping) or "times" not in data:
             raise ScheduleError("not a bossflow schedule: expected a JSON object with 'times'")
+        fmt = str(data.get("format", _FORMAT))
+        if fmt.startswith("bossflow.sampler/"):
+            raise ScheduleError(
+                "this is a sampler file (times, scales and a solver), not a plain schedule; read "
+                "it with bossflow.load_schedule(path) or bossflow.sampler.Sampler.load(path)"
+            )
+        _format_version(fmt, "schedule", "the schedule")
         try:
             return cls(
                 times=data["times"],
