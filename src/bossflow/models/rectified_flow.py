@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import listing, shape_of, state_dict_problems
+from ..checkpoint import listing, load_torch_weights, shape_of, state_dict_problems
 from ..errors import CheckpointError, ConfigError
 from ..field import RectifiedFlowField
 from .ncsnpp import NCSNpp, NCSNppConfig
@@ -288,21 +287,21 @@ def _read_file(path: Path) -> Any:
             f"torch {torch.__version__}. Upgrade torch, or load the file yourself and pass the dict."
         )
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:  # e.g. "Unsupported operand 110": not a pickle at all
-            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-            raise CheckpointError(
-                f"{path} is not a PyTorch checkpoint, or it is truncated or corrupt"
-                + (f" ({reason.group(1).strip()})" if reason else "")
-            ) from err
+        return load_torch_weights(
+            path,
+            allow=_numpy_safe_globals(),
+            hint=" (or, if you trust the file, torch.load it yourself and pass the dict)",
+        )
+    except CheckpointError:  # pickled code, refused: the message names the global
+        raise
+    except pickle.UnpicklingError as err:  # e.g. "Unsupported operand 110": not a pickle at all
+        detail = str(err).rpartition("WeightsUnpickler error:")[2]  # after torch's preamble
+        lines = [x.strip() for x in detail.splitlines() if x.strip()]
+        lines = [x for x in lines if not x.startswith(("Check the documentation", "Weights only"))]
+        reason = lines[0][:200] if lines else ""
         raise CheckpointError(
-            f"refusing to load {path}: it contains a pickled '{found.group(1)}' object, and "
-            "unpickling it could run arbitrary code. bossflow loads tensors, plain containers and "
-            "numpy scalars only. If you trust the file, load it yourself and pass the resulting "
-            "dict (or its 'model' state_dict)."
+            f"{path} is not a PyTorch checkpoint, or it is truncated or corrupt"
+            + (f" ({reason})" if reason else "")
         ) from err
     except Exception as err:  # torch raises RuntimeError, KeyError, EOFError ... on bad files
         raise CheckpointError(
