@@ -92,3 +92,12 @@ def test_finetuned_file_that_does_not_match_is_refused(tmp_path, capsys):
     assert run("sample", *args) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and "missing keys" in err
+
+
+def test_demo_report_links_every_image_and_writes_results_last(quick_demo):
+    report = (quick_demo / "report.md").read_text()
+    for png in quick_demo.glob("*.png"):
+        assert f"]({png.name})" in report
+    assert "[results.json](results.json)" in report and "```json" not in report
+    written = [p for p in quick_demo.iterdir() if p.is_file() and not p.name.startswith(".")]
+    assert max(written, key=lambda p: p.stat().st_mtime_ns).name == "results.json"

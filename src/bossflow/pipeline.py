@@ -200,7 +200,7 @@ def _run_demo_locked(
     from .data import load_dataset
     from .metrics import evaluate_samples, frechet_backend
     from .pretrained import load_digits_classifier
-    from .report import markdown_table, save_comparison_grid, text_grid, write_report
+    from .report import markdown_table, text_grid, write_report
     from .spec import load_model
 
     cfg = config or DemoConfig()
@@ -272,21 +272,22 @@ def _run_demo_locked(
     timings["evaluation"] = time.perf_counter() - start
 
     _log(progress, "[4/4] report")
+
+    def grid_rows(k: int) -> dict[str, torch.Tensor]:
+        """The same methods, in the same order, in every sample grid."""
+        rows = {
+            f"{m} ({k} NFE)": samples[(m, k)][:16].cpu()
+            for m in ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow")
+        }
+        return rows | {f"reference ({cfg.reference_steps} steps)": reference[:16].cpu()}
+
     grid_nfe = cfg.straighten_nfes[0]
-    rows = {
-        f"{m} ({grid_nfe} NFE)": samples[(m, grid_nfe)][:16].cpu()
-        for m in ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow")
+    rows = grid_rows(grid_nfe)
+    caption = "Samples at {} NFE (one row per method, same noise in each column)"
+    grids = {"samples.png": (caption.format(grid_nfe), rows)}
+    grids |= {
+        f"samples_nfe{k}.png": (caption.format(k), grid_rows(k)) for k in cfg.straighten_nfes[1:]
     }
-    rows[f"reference ({cfg.reference_steps} steps)"] = reference[:16].cpu()
-    for k in cfg.straighten_nfes[1:]:
-        save_comparison_grid(
-            {
-                f"{m} ({k} NFE)": samples[(m, k)][:16].cpu()
-                for m in ("uniform", "bellman", "boss", "boss-lora", "reflow")
-            }
-            | {"reference": reference[:16].cpu()},
-            out / f"samples_nfe{k}.png",
-        )
     plotted = {f"uniform ({k})": uniform(k) for k in cfg.straighten_nfes}
     plotted |= {f"edm ({k})": edm(k) for k in cfg.straighten_nfes}
     plotted |= {f"bellman ({k})": bellman[k] for k in cfg.nfes}
@@ -313,11 +314,17 @@ def _run_demo_locked(
             for (m, k), r in runs.items()
         },
     }
-    report = write_report(
-        out, records, schedules=plotted, samples=rows, extra=extra, title="bossflow demo: digits"
-    )
     text = text_grid({k: v for k, v in rows.items() if not k.startswith("edm")}, max_images=6)
     atomic_write_text(out / "samples.txt", text)
+    # results.json, the mark of a complete run, is the last file write_report writes
+    report = write_report(
+        out,
+        records,
+        schedules=plotted,
+        extra=extra,
+        title="bossflow demo: digits",
+        more_samples=grids,
+    )
     _log(progress, "\n" + markdown_table(records) + "\n\n" + text)
     _log(progress, f"done in {timings['total']:.0f} s: {report}")
     return report
