@@ -163,3 +163,16 @@ def test_leftover_temporary_files_are_removed_on_taking_the_lock(tmp_path):
         # files written while the lock is held are complete ones
         atomic_write_text(tmp_path / "fresh.json", "{}")
         assert (tmp_path / "fresh.json").read_text() == "{}"
+
+
+def test_run_demo_takes_the_lock_before_any_work(tmp_path):
+    from bossflow.pipeline import DemoConfig, run_demo
+
+    holder = _hold(tmp_path)
+    try:
+        with pytest.raises(BossflowError, match=f"in use by another run \\(PID {holder.pid}"):
+            run_demo(tmp_path, DemoConfig.quick(), progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
