@@ -255,3 +255,17 @@ def test_merge_refuses_another_model(noise):
         a.merge(cost_matrix(Scaled(0.7), noise[12:], grid=6))
     merged = a.merge(cost_matrix(Scaled(0.5), noise[12:], grid=6))
     assert merged.identity == {"model_fingerprint": a.identity["model_fingerprint"]}
+
+
+def test_a_cache_that_cannot_be_opened_is_not_called_damaged(noise, tmp_path, monkeypatch):
+    cache = tmp_path / "cost.npz"
+    cost_matrix(SpiralField(), noise[:12], grid=6, cache=cache)
+
+    def no_descriptor(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(np, "load", no_descriptor)
+    with pytest.raises(bossflow.errors.BossflowError) as info:
+        CostMatrix.load(cache)
+    assert not isinstance(info.value, CheckpointError)
+    assert "Too many open files" in str(info.value) and "delete" not in str(info.value)

@@ -279,7 +279,17 @@ class CostMatrix:
                     arrays["identity"] = data["identity"]
         except FileNotFoundError:
             raise CheckpointError(f"cost matrix file {path} does not exist") from None
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        except OSError as err:
+            if err.errno is None:  # numpy's words for a file it cannot parse
+                raise CheckpointError(
+                    f"{path} is not a readable bossflow cost matrix ({err}); delete it to recompute"
+                ) from None
+            # too many open files, permissions, I/O: the file may well be fine
+            raise BossflowError(
+                f"cannot read cost matrix {path}: {err.strerror or err} (the file is not "
+                "necessarily damaged; fix that and rerun)"
+            ) from None
+        except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise CheckpointError(
                 f"{path} is not a readable bossflow cost matrix ({err}); delete it to recompute"
             ) from None
