@@ -148,6 +148,7 @@ def schedule_with_kmax(tmp_path, source, value):
         (["--model", ":"], "--model ':' is not package.module:callable"),
         (["--model", "rectified-flow:"], "rectified-flow:CONFIG needs a config"),
         (["--model", "os.path:join"], "calling join() for --model 'os.path:join' failed"),
+        (["--pairs", "16"], "spiral has no weights to fine-tune"),
     ],
 )
 def test_straighten_bad_options_fail_fast_on_one_line_and_leave_no_out(
@@ -249,3 +250,15 @@ def test_point_model_through_every_command(tmp_path, monkeypatch, capsys):
     (record,) = json.loads((ev / "results.json").read_text())["records"]
     assert record["method"] == "boss" and record["iterations"] == 3  # from tuned/model.json
     assert "](samples.png)" in (ev / "report.md").read_text()
+
+
+def test_evaluate_without_matplotlib_fails_before_computing(tmp_path, capsys, monkeypatch):
+    import bossflow.solvers
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    calls = []
+    monkeypatch.setattr(bossflow.solvers, "reference_solve", lambda *a, **k: calls.append(1))
+    out = tmp_path / "ev"
+    assert run("evaluate", "--model", "spiral", "--nfe", 2, "--samples", 4, "--out", out) == 2
+    assert "pip install 'bossflow[plots]'" in capsys.readouterr().err
+    assert calls == [] and not out.exists()

@@ -354,6 +354,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ((name, schedule),) = schedules.items()
     with _output_file(args.out) as out:
         model = _load(args)
+        _require_plotting(tuple(model.sample_shape), report=False)
         noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
         x = sample(model.field, noise.take(args.n), schedule, solver=args.solver)
         written, notes = _save_samples(x, model, out, args.save_tensor, args.scale, name)
@@ -417,6 +418,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # What can be measured and drawn depends on the sample shape only: decided before computing.
     shape = tuple(model.sample_shape)
     notes = _shape_notes(shape)
+    _require_plotting(shape, report=True)
     log = _stage_log(args.quiet)
     for note in notes:
         print(f"note: {note}")
@@ -477,6 +479,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(markdown_table(records))
     print(f"report: {report}")
     return 0
+
+
+def _require_plotting(shape: tuple[int, ...], report: bool) -> None:
+    """Fail before sampling if the figures this shape gets need a missing optional package."""
+    from .errors import require
+
+    if report or _is_points(shape):
+        require("matplotlib", "plots", "plots")
+    if _is_image(shape):
+        require("PIL", "plots", "sample grids")
 
 
 def _stage_log(quiet: bool):
@@ -627,6 +639,11 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
     from .straighten import make_pairs, save_straightened, straighten
 
     model = _load(args)
+    if not any(True for _ in model.field.parameters()):
+        raise ConfigError(
+            f"{model.model_id} has no weights to fine-tune; straighten needs a network (the "
+            "built-in spiral is an analytic field: use it with schedule, sample and evaluate)"
+        )
     source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
         model.field,
