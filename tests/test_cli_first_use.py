@@ -262,3 +262,15 @@ def test_evaluate_without_matplotlib_fails_before_computing(tmp_path, capsys, mo
     assert run("evaluate", "--model", "spiral", "--nfe", 2, "--samples", 4, "--out", out) == 2
     assert "pip install 'bossflow[plots]'" in capsys.readouterr().err
     assert calls == [] and not out.exists()
+
+
+def test_evaluate_refuses_colliding_labels_before_the_reference_solve(
+    tmp_path, capsys, monkeypatch
+):
+    import bossflow.solvers
+
+    calls = []
+    monkeypatch.setattr(bossflow.solvers, "reference_solve", lambda *a, **k: calls.append(1))
+    args = ("--model", "spiral", "--nfe", 2, "--spacing", "uniform,edm", "--method", "mine")
+    assert run("evaluate", *args, "--out", tmp_path / "ev") == 2
+    assert "both be reported as mine at 2 NFE" in capsys.readouterr().err and calls == []

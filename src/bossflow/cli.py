@@ -433,6 +433,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
             label = f"{label} (other model)"
         entries.append(EvalEntry(label, model.field, s, solver=args.solver, iterations=iterations))
+    keys = [(e.label, e.nfe) for e in entries]
+    clash = next((k for k in keys if keys.count(k) > 1), None)
+    if clash is not None:  # refused here, before the reference solve, not after it
+        raise ConfigError(
+            f"two schedules would both be reported as {clash[0]} at {clash[1]} NFE; evaluate them "
+            "in separate runs, or label them with --method"
+        )
     for line in warnings:
         print(f"bossflow evaluate: warning: {line}", file=sys.stderr)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
