@@ -226,6 +226,7 @@ def _run_demo_locked(
     _log(progress, f"[3/4] evaluation on {cfg.eval_samples} held-out noises")
     start = time.perf_counter()
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(cfg.eval_samples))
+    _log(progress, f"  reference solve: {cfg.reference_steps} Euler steps per noise")
     ref_start = time.perf_counter()
     reference = reference_solve(model.field, noise, steps=cfg.reference_steps)
     ref_wall = time.perf_counter() - ref_start
