@@ -82,8 +82,13 @@ def test_help_shows_the_library_defaults_and_the_registries():
 
 
 def test_sample_help_promises_one_schedule_and_shape_any_shape():
-    text = " ".join(subcommands()["sample"].format_help().split())
-    assert "repeat" not in text and "comma-separated" not in text.split("--shape")[0]
+    parser = subcommands()["sample"]
+    for action in parser._actions:
+        if set(action.option_strings) & {"--schedule", "--nfe", "--spacing"}:
+            assert action.nargs is None and not isinstance(action, argparse._AppendAction)
+            assert "repeat" not in action.help and "comma" not in action.help
+    text = " ".join(parser.format_help().split())
+    assert "may be repeated" not in text
     assert "any number of comma-separated sizes" in text  # --shape
     assert run("sample", "--model", "spiral", "--nfe", 2, "--out", "x.png", "--schedule", "s") == 2
 
