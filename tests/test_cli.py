@@ -11,7 +11,7 @@ from bossflow import Schedule
 from bossflow.bellman import CostMatrix
 from bossflow.cli import main
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rectified_flow"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rectified_flow"
 
 
 def run(command: str, *more) -> int:
@@ -98,7 +98,6 @@ def test_console_script_help_explains_options():
         assert option in out
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/fixtures/rectified_flow is not present")
 def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
     config = json.loads((FIXTURES / "tiny_cifar_like.json").read_text())["config"]
     (tmp_path / "tiny.json").write_text(json.dumps(config))
