@@ -1,0 +1,448 @@
+"""Learned samplers: fit a few sampler parameters to the *final* error, the network frozen.
+
+The Bellman DP (paper eq. 8) minimises a sum of local one-step costs measured on teacher states;
+a user sees the error at t = 1. Here the parameters of a :class:`~bossflow.sampler.Sampler` with
+K steps are fitted by backpropagating through the K steps themselves:
+
+    min_{theta, phi}  E_m  d( S_{theta, phi}(z^m),  x^m_teacher )
+
+where ``S`` integrates from noise ``z^m`` with the sampler's solver, times
+``t_k = sum_{j<k} softmax(theta)_j`` (increments positive and summing to 1 by construction, so
+``0 = t_0 < ... < t_K = 1`` always) and per-step velocity scales ``s_k = exp(phi_k)``;
+``x^m_teacher`` is a fine solve from the same noise and ``d`` the mean squared error per
+dimension (or any per-sample metric). Adam on ``(theta, phi)``; the times start from a given
+schedule (the Bellman one), the scales from 1. A slice of the noises is held out: the held-out
+error is measured every ``eval_every`` iterations and the best parameters are returned (early
+stopping after ``patience`` evaluations without improvement). Related: Bespoke solvers (Shaul et
+al. 2024), LD3 (2025).
+
+Every random draw comes from one generator seeded by ``seed``; with ``out_dir`` the state is
+checkpointed atomically and a rerun resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, ConfigError
+from .field import VelocityField
+from .io import ensure_dir
+from .sampler import Sampler
+from .schedule import Schedule, uniform
+from .solvers import SOLVERS, sample
+from .training import load_state, random_rows, save_state
+
+__all__ = [
+    "LearnConfig",
+    "LearnResult",
+    "learn_sampler",
+    "learn_best_sampler",
+    "sampler_error",
+    "steps_for",
+]
+
+CHECKPOINT_FORMAT = "bossflow.learn/1"
+Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class LearnConfig:
+    """Settings of :func:`learn_sampler`.
+
+    Attributes:
+        solver: the sampler's solver (``euler``, ``heun``, ``midpoint``, ``ab2``, ``ab3``).
+        scales: learn one velocity scale per step (else all 1).
+        learn_times: learn the times (else keep the initial ones and learn scales only).
+        iterations: Adam steps at most.
+        batch_size: training noises per step.
+        lr: Adam's learning rate on the time logits and log-scales.
+        holdout: noises held out for early stopping: a fraction in (0, 1) or a count (>= 1).
+        eval_every: measure the held-out error every this many iterations.
+        patience: stop after this many held-out measurements without improvement (0: never).
+        seed: seeds the batches.
+        eval_batch_size: noises per forward pass when measuring the held-out error.
+    """
+
+    solver: str = "euler"
+    scales: bool = True
+    learn_times: bool = True
+    iterations: int = 200
+    batch_size: int = 64
+    lr: float = 0.05
+    holdout: float | int = 0.25
+    eval_every: int = 10
+    patience: int = 5
+    seed: int = 0
+    eval_batch_size: int = 256
+
+    def check(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
+        for name in ("iterations", "batch_size", "eval_every", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not (self.scales or self.learn_times):
+            raise ConfigError("nothing to learn: set scales=True or learn_times=True")
+        if self.holdout <= 0 or (isinstance(self.holdout, float) and self.holdout >= 1):
+            raise ConfigError(
+                f"holdout must be a fraction in (0, 1) or a count >= 1, got {self.holdout}"
+            )
+
+
+@dataclass
+class LearnResult:
+    """What :func:`learn_sampler` returns.
+
+    Attributes:
+        sampler: the learned sampler (the parameters with the lowest held-out error).
+        heldout_error: its held-out error (mean per-sample metric; MSE per dimension by default).
+        initial_heldout_error: the held-out error of the initial sampler (same solver, scales 1).
+        best_iteration: the iteration of ``sampler`` (0: the initial one was best).
+        history: ``{"iteration", "train_loss", "heldout_loss"}`` per measurement.
+        iterations: iterations run (fewer than asked after early stopping).
+        wall_s: seconds spent, summed over resumed runs.
+        config: the settings.
+    """
+
+    sampler: Sampler
+    heldout_error: float
+    initial_heldout_error: float
+    best_iteration: int
+    history: list[dict[str, Any]]
+    iterations: int
+    wall_s: float
+    config: LearnConfig = field(default_factory=LearnConfig)
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    """Steps K that spend exactly ``nfe`` evaluations with ``solver`` (an error if none)."""
+    per = SOLVERS[solver].evals_per_step if solver in SOLVERS else None
+    if per is None:
+        raise ConfigError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+    if nfe < per or nfe % per:
+        raise ConfigError(f"{solver} takes {per} evaluations per step: NFE {nfe} is not possible")
+    return nfe // per
+
+
+def _mse(x: Tensor, target: Tensor) -> Tensor:
+    return (x - target).flatten(1).pow(2).mean(1)
+
+
+def _params_to_sampler(theta: Tensor, phi: Tensor | None, config: LearnConfig, **kw) -> Sampler:
+    times = _times_of(theta.detach().double())
+    scales = None if phi is None else phi.detach().double().exp().numpy()
+    return Sampler(times.numpy(), config.solver, scales, **kw)
+
+
+def _times_of(theta: Tensor) -> Tensor:
+    """``[0, cumsum(softmax(theta))[:-1], 1]``: increasing, exactly 0 and 1 at the ends."""
+    inc = torch.softmax(theta, 0)
+    inner = torch.cumsum(inc, 0)[:-1]
+    return torch.cat([inner.new_zeros(1), inner, inner.new_ones(1)])
+
+
+def sampler_error(
+    field: VelocityField,
+    noise: Tensor,
+    teacher: Tensor,
+    sampler: Sampler | Schedule,
+    metric: Metric | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Mean per-sample error of ``sampler`` from ``noise`` against ``teacher`` (float64 sum)."""
+    metric = metric or _mse
+    total = 0.0
+    with torch.no_grad():
+        for a in range(0, noise.shape[0], batch_size):
+            x = sample(field, noise[a : a + batch_size], sampler)
+            total += float(metric(x, teacher[a : a + batch_size]).double().sum())
+    return total / noise.shape[0]
+
+
+def _holdout(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarray]:
+    count = max(1, int(round(holdout * n))) if isinstance(holdout, float) else int(holdout)
+    if count >= n:
+        raise ConfigError(
+            f"holdout {holdout} leaves no training noise among {n}; give more teacher noises"
+        )
+    return np.arange(n - count), np.arange(n - count, n)
+
+
+@dataclass
+class _Frozen:
+    """Freeze a module's parameters for the block (the sampler's parameters train, not these)."""
+
+    module: Any
+
+    def __enter__(self) -> None:
+        self.saved = []
+        if isinstance(self.module, nn.Module):
+            self.saved = [(p, p.requires_grad) for p in self.module.parameters()]
+            for p, _ in self.saved:
+                p.requires_grad_(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+
+
+def learn_sampler(
+    field: VelocityField,
+    noise: Tensor,
+    teacher: Tensor,
+    nfe: int,
+    config: LearnConfig | None = None,
+    init: Schedule | Sampler | None = None,
+    metric: Metric | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> LearnResult:
+    """Learn a sampler's times (and per-step scales) against teacher endpoints.
+
+    Args:
+        field: the velocity field (frozen; an ``nn.Module``'s parameters are not trained).
+        noise: (M, ...) noises; the last ``config.holdout`` of them are held out.
+        teacher: (M, ...) fine-solve endpoints from the same noises (e.g.
+            :func:`bossflow.reference_solve`, or the final column of a pair store).
+        nfe: the budget; the sampler has ``nfe / evals_per_step`` steps.
+        config: settings (:class:`LearnConfig`).
+        init: initial times (a K + 1-point schedule, e.g. the Bellman one; scales start at 1).
+            Default: uniform. A schedule of another length is refused.
+        metric: per-sample error ``metric(x, teacher) -> (B,)``; default MSE per dimension.
+            Any differentiable callable works, e.g. a distance in classifier features.
+        out_dir: folder for ``checkpoint.pt``; a rerun with the same settings resumes.
+        progress: show a progress bar (on a terminal only).
+        provenance: facts stored in the sampler (model id, teacher ...).
+
+    Returns:
+        A :class:`LearnResult` whose sampler has the lowest held-out error seen.
+    """
+    from .progress import progress_bar
+
+    config = config or LearnConfig()
+    config.check()
+    steps = steps_for(config.solver, nfe)
+    if not isinstance(noise, Tensor) or not isinstance(teacher, Tensor):
+        raise ConfigError("noise and teacher must be tensors shaped (M, ...)")
+    if noise.shape != teacher.shape:
+        raise ConfigError(
+            f"noise {tuple(noise.shape)} and teacher {tuple(teacher.shape)} must have the same "
+            "shape: teacher[m] is the fine solve from noise[m]"
+        )
+    init_times = uniform(steps).times if init is None else np.asarray(init.times)
+    if len(init_times) != steps + 1:
+        raise ConfigError(
+            f"the initial schedule has {len(init_times) - 1} steps; {config.solver} at NFE {nfe} "
+            f"needs {steps}"
+        )
+    metric = metric or _mse
+    train_idx, held_idx = _holdout(noise.shape[0], config.holdout)
+    held_noise, held_teacher = noise[held_idx], teacher[held_idx]
+    generator = torch.Generator().manual_seed(config.seed)
+    theta = torch.tensor(np.log(np.diff(init_times)), dtype=torch.float64, requires_grad=True)
+    phi = torch.zeros(steps, dtype=torch.float64, requires_grad=True) if config.scales else None
+    trained = [p for p, on in ((theta, config.learn_times), (phi, config.scales)) if on]
+    optimizer = torch.optim.Adam(trained, lr=config.lr)
+    identity = {
+        "config": asdict(config),
+        "nfe": nfe,
+        "init": [float(t) for t in init_times],
+        "noise_shape": list(noise.shape),
+        "teacher_sum": float(teacher.double().sum()),
+    }
+    meta = {
+        "method": "learned",
+        "provenance": {
+            **(provenance or {}),
+            "objective": "final-state error to teacher endpoints",
+            "solver": config.solver,
+            "teacher_noises": int(noise.shape[0]),
+            "heldout_noises": int(held_idx.size),
+        },
+    }
+
+    def heldout_error(th: Tensor, ph: Tensor | None) -> float:
+        s = _params_to_sampler(th, ph, config)
+        return sampler_error(field, held_noise, held_teacher, s, metric, config.eval_batch_size)
+
+    ckpt_path = None if out_dir is None else ensure_dir(out_dir) / "checkpoint.pt"
+    iteration, history, wall_s, stale = 0, [], 0.0, 0
+    best = None
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
+        if ckpt.get("identity") != identity:
+            raise CheckpointError(
+                f"{ckpt_path} was made by another sampler-learning run (other settings, budget, "
+                "initial times or teacher); delete it or use another folder"
+            )
+        with torch.no_grad():
+            theta.copy_(ckpt["theta"])
+            if phi is not None:
+                phi.copy_(ckpt["phi"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        iteration, history, wall_s = ckpt["iteration"], ckpt["history"], ckpt["wall_s"]
+        stale, best = ckpt["stale"], ckpt["best"]
+
+    def save() -> None:
+        if ckpt_path is None:
+            return
+        save_state(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "identity": identity,
+                "theta": theta.detach(),
+                "phi": None if phi is None else phi.detach(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "iteration": iteration,
+                "history": history,
+                "wall_s": wall_s,
+                "stale": stale,
+                "best": best,
+            },
+        )
+
+    start = time.perf_counter()
+    with _Frozen(field):
+        if best is None:
+            initial = heldout_error(theta, None)
+            history.append({"iteration": 0, "train_loss": None, "heldout_loss": initial})
+            best = {
+                "iteration": 0,
+                "loss": initial,
+                "theta": theta.detach().clone(),
+                "phi": None if phi is None else phi.detach().clone(),
+            }
+        bar = progress_bar(
+            total=config.iterations, initial=iteration, desc=f"learn {config.solver} NFE {nfe}",
+            enabled=progress,
+        )  # fmt: skip
+        running, count = 0.0, 0
+        try:
+            while iteration < config.iterations and not (
+                config.patience and stale >= config.patience
+            ):
+                rows = random_rows(train_idx, config.batch_size, generator)
+                z, target = noise[rows], teacher[rows]
+                times = _times_of(theta)
+                scales = None if phi is None else phi.exp()
+                x = sample(field, z, times.to(z.device), config.solver, grad=True, scales=scales)
+                loss = metric(x, target).mean()
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"the sampler's loss became {float(loss)} at iteration {iteration}; lower lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                running, count = running + float(loss.detach()), count + 1
+                bar.update(1)
+                if iteration % config.eval_every == 0 or iteration == config.iterations:
+                    held = heldout_error(theta, phi)
+                    history.append(
+                        {
+                            "iteration": iteration,
+                            "train_loss": running / count,
+                            "heldout_loss": held,
+                        }
+                    )
+                    running, count = 0.0, 0
+                    bar.set_postfix(heldout=f"{held:.4g}", refresh=False)
+                    if held < best["loss"]:
+                        best = {
+                            "iteration": iteration,
+                            "loss": held,
+                            "theta": theta.detach().clone(),
+                            "phi": None if phi is None else phi.detach().clone(),
+                        }
+                        stale = 0
+                    else:
+                        stale += 1
+                    wall_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save()
+        finally:
+            bar.close()
+    wall_s += time.perf_counter() - start
+    meta["provenance"] |= {
+        "nfe": nfe,
+        "heldout_error": best["loss"],
+        "initial_heldout_error": history[0]["heldout_loss"],
+        "best_iteration": best["iteration"],
+        "iterations": iteration,
+    }
+    sampler = _params_to_sampler(best["theta"], best["phi"], config, **meta)
+    return LearnResult(
+        sampler=sampler,
+        heldout_error=best["loss"],
+        initial_heldout_error=history[0]["heldout_loss"],
+        best_iteration=best["iteration"],
+        history=history,
+        iterations=iteration,
+        wall_s=wall_s,
+        config=config,
+    )
+
+
+def learn_best_sampler(
+    field: VelocityField,
+    noise: Tensor,
+    teacher: Tensor,
+    nfe: int,
+    solvers: Sequence[str] = ("euler", "ab2"),
+    config: LearnConfig | None = None,
+    inits: dict[int, Schedule] | None = None,
+    metric: Metric | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> tuple[LearnResult, dict[str, LearnResult]]:
+    """Learn one sampler per solver family at ``nfe`` and keep the best on the held-out noises.
+
+    Solvers that cannot spend exactly ``nfe`` evaluations (Heun at an odd NFE) are skipped.
+    ``inits`` maps a step count K to initial times (e.g. the Bellman schedules by K).
+
+    Returns:
+        ``(best, all)``: the result with the lowest held-out error and every result by solver.
+    """
+    from dataclasses import replace
+
+    config = config or LearnConfig()
+    results: dict[str, LearnResult] = {}
+    for solver in solvers:
+        try:
+            steps = steps_for(solver, nfe)
+        except ConfigError:
+            continue
+        init = (inits or {}).get(steps)
+        sub = None if out_dir is None else Path(out_dir) / f"{solver}-nfe{nfe}"
+        results[solver] = learn_sampler(
+            field, noise, teacher, nfe, replace(config, solver=solver), init, metric, sub,
+            progress, provenance,
+        )  # fmt: skip
+    if not results:
+        raise ConfigError(
+            f"none of the solvers {list(solvers)} can spend exactly {nfe} evaluations"
+        )
+    best = min(results.values(), key=lambda r: (r.heldout_error, r.sampler.solver))
+    if not math.isfinite(best.heldout_error):
+        raise ConfigError("every learned sampler diverged; lower lr")
+    return best, results
