@@ -90,6 +90,7 @@ def test_output_folder_that_is_a_file(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_help_explains_options():
     command = [sys.executable, "-m", "bossflow.cli", "schedule", "--help"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -98,6 +99,7 @@ def test_console_script_help_explains_options():
         assert option in out
 
 
+@pytest.mark.slow
 def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
     config = json.loads((FIXTURES / "tiny_cifar_like.json").read_text())["config"]
     (tmp_path / "tiny.json").write_text(json.dumps(config))
@@ -126,6 +128,7 @@ def test_schedule_and_sample_on_rectified_flow_checkpoint(tmp_path):
     assert [(r["method"], r["nfe"]) for r in records] == [("boss-lora", 2)]
 
 
+@pytest.mark.slow
 def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
     out = tmp_path / "base"
     assert (

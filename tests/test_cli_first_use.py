@@ -93,6 +93,7 @@ def test_sample_help_promises_one_schedule_and_shape_any_shape():
     assert run("sample", "--model", "spiral", "--nfe", 2, "--out", "x.png", "--schedule", "s") == 2
 
 
+@pytest.mark.slow
 def test_version_and_python_m_bossflow():
     from bossflow import __version__
 

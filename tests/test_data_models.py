@@ -275,6 +275,7 @@ def test_learning_rate_schedule() -> None:
         learning_rate(0, 100, 1.0, 10, "linear")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_train_base_is_deterministic_and_lowers_the_loss() -> None:
     data = load_digits_dataset("train")[:256]
     heldout = load_digits_dataset("heldout")[:64]

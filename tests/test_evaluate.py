@@ -57,6 +57,7 @@ def finetuned_file(tmp_path):
     return path, state
 
 
+@pytest.mark.slow
 def test_evaluate_finetuned_measures_against_the_base_models_reference(
     tmp_path, finetuned_file, capsys
 ):

@@ -19,6 +19,7 @@ def quick_demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_valid_report(quick_demo):
     results = json.loads((quick_demo / "results.json").read_text())
     records = results["records"]
@@ -46,6 +47,7 @@ def test_quick_demo_writes_a_valid_report(quick_demo):
     assert mse[("bellman", 4)] < mse[("bellman", 2)]
 
 
+@pytest.mark.slow
 def test_demo_rerun_resumes_instead_of_recomputing(quick_demo, capsys):
     before = (quick_demo / "straighten" / "boss-nfe2" / "checkpoint.pt").stat().st_mtime_ns
     run_demo(quick_demo, DemoConfig.quick(), progress=False)
@@ -57,6 +59,7 @@ def run(*args) -> int:
     return main([str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_cli_sample_evaluate_straighten_on_digits(quick_demo, tmp_path, capsys):
     schedule = quick_demo / "schedule" / "schedule_nfe2.json"
     cpu = ("--device", "cpu")

@@ -212,6 +212,7 @@ for attempt in (lambda: PairStore.open(sys.argv[1]), lambda: fresh.states[299]):
 """
 
 
+@pytest.mark.slow
 def test_a_store_with_more_shards_than_open_files_reads(field, tmp_path):
     pytest.importorskip("resource")
     import subprocess

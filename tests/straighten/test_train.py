@@ -91,6 +91,7 @@ def test_reflow_shares_the_loop_and_lowers_its_own_loss(setup):
     assert result.config.objective == "reflow"
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_merges_to_a_plain_module(tmp_path):
     torch.manual_seed(0)
     base = TinyConvField()
