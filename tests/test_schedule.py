@@ -88,3 +88,12 @@ def test_unreadable_or_malformed_files_are_schedule_errors(tmp_path):
     bad = {"times": [0.0, 0.5, 1.0], "indices": ["a", "b", "c"]}
     with pytest.raises(ScheduleError, match="not a valid"):
         Schedule.from_dict(bad)
+
+
+def test_messages_print_numbers_plainly():
+    with pytest.raises(ScheduleError) as err:
+        Schedule([0.0, 0.5, 0.4, 1.0])
+    assert "times[1] = 0.5 >= times[2] = 0.4" in str(err.value) and "np." not in str(err.value)
+    with pytest.raises(ScheduleError) as err:
+        Schedule([0.1, 1.0])
+    assert "got first 0.1 and last 1.0" in str(err.value)

@@ -61,15 +61,16 @@ def _validated_times(times: Any) -> np.ndarray:
         raise ScheduleError(f"schedule times contain NaN or infinity: {arr.tolist()}")
     if arr[0] != 0.0 or arr[-1] != 1.0:
         raise ScheduleError(
-            f"a schedule runs from 0 (noise) to 1 (data); got first {arr[0]!r} and last "
-            f"{arr[-1]!r}. If your times run from 1 to 0 (diffusers sigmas), use "
+            f"a schedule runs from 0 (noise) to 1 (data); got first {float(arr[0])!r} and last "
+            f"{float(arr[-1])!r}. If your times run from 1 to 0 (diffusers sigmas), use "
             "Schedule.from_diffusers_sigmas."
         )
     steps = np.diff(arr)
     if (steps <= 0).any():
         bad = int(np.argmax(steps <= 0))
         raise ScheduleError(
-            f"schedule times must be strictly increasing; times[{bad}] = {arr[bad]!r} >= times[{bad + 1}] = {arr[bad + 1]!r}"
+            f"schedule times must be strictly increasing; times[{bad}] = {float(arr[bad])!r} >= "
+            f"times[{bad + 1}] = {float(arr[bad + 1])!r}"
         )
     arr.setflags(write=False)
     return arr

@@ -82,8 +82,8 @@ def _grid_indices(schedule: Schedule, grid: Schedule) -> list[int]:
     if (off > _TIME_TOL).any():
         bad = int(np.argmax(off > _TIME_TOL))
         raise ConfigError(
-            f"time {schedule.times[bad]!r} of the {schedule.steps}-step {schedule.method} schedule "
-            f"is not on the fine grid ({len(tau) - 1} intervals; nearest time {tau[nearest[bad]]!r}). "
+            f"time {float(schedule.times[bad])!r} of the {schedule.steps}-step {schedule.method} schedule "
+            f"is not on the fine grid ({len(tau) - 1} intervals; nearest time {float(tau[nearest[bad]])!r}). "
             "Pairs are fine-trajectory states, so every schedule time must be a fine-grid time: "
             "pass fine_grid= the grid the schedule was made on (a Bellman schedule's cost-matrix "
             "grid), or a schedule whose times lie on this grid."
@@ -98,7 +98,7 @@ def _columns(times: np.ndarray, schedule: Schedule) -> np.ndarray:
         hit = np.flatnonzero(np.abs(times - t) <= _TIME_TOL)
         if hit.size == 0:
             raise CheckpointError(
-                f"pairs were made with another schedule: time {t!r} of the {schedule.steps}-step "
+                f"pairs were made with another schedule: time {float(t)!r} of the {schedule.steps}-step "
                 f"{schedule.method} schedule is not among the stored times "
                 f"{[round(float(v), 6) for v in times]}. Make pairs for this schedule with "
                 "make_pairs(..., schedules=[...]) in another folder."
