@@ -106,3 +106,27 @@ def test_exports_only_for_plain_euler():
             other.to_diffusers_sigmas()
         with pytest.raises(ConfigError, match="bossflow.sample"):
             other.to_time_grid()
+
+
+def test_cli_samples_and_evaluates_a_sampler_file_with_its_own_solver(tmp_path, capsys):
+    from bossflow.cli import main
+    from bossflow.noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
+    from bossflow.pretrained import load_digits_field
+    from bossflow.solvers import reference_solve
+
+    s = Sampler([0.0, 0.3, 0.7, 1.0], "ab2", [0.9, 1.1, 1.0], method="learned")
+    s.save(tmp_path / "learned_nfe3.json")
+    args = ["--schedule", str(tmp_path / "learned_nfe3.json"), "--device", "cpu"]
+    assert main(["sample", *args, "--n", "4", "--out", str(tmp_path / "x.png")]) == 0
+    assert "(ab2)" in capsys.readouterr().out
+    out = tmp_path / "eval"
+    assert main(["evaluate", *args, "--samples", "4", "--reference-steps", "10",
+                 "--out", str(out)]) == 0  # fmt: skip
+    (record,) = json.loads((out / "results.json").read_text())["records"]
+    assert record["method"] == "learned" and record["nfe"] == 3
+    field = load_digits_field()
+    noise = OffsetNoise(NoiseSource((1, 8, 8), seed=0), STAGE_OFFSETS["eval"]).take(4)
+    expected = (sample(field, noise, s) - reference_solve(field, noise, steps=10)).pow(2).mean()
+    assert record["mse_to_reference"] == pytest.approx(float(expected), rel=1e-5)
+    assert main(["evaluate", *args, "--solver", "heun", "--out", str(tmp_path / "e2")]) == 2
+    assert "made for the ab2 solver" in capsys.readouterr().err

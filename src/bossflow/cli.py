@@ -284,15 +284,16 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
 
 
 def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """Named schedules from --schedule FILE ... and/or --nfe K,... with --spacing NAME,..."""
-    from .schedule import Schedule, make_schedule
+    """Named schedules (or samplers) from --schedule FILE ... and/or --nfe K,... --spacing NAME"""
+    from .sampler import load_schedule
+    from .schedule import make_schedule
 
     def as_list(value) -> list:  # sample takes one value, evaluate lists
         return [] if value is None else list(value) if isinstance(value, list) else [value]
 
     out: dict[str, object] = {}
     for path in as_list(args.schedule):
-        s = Schedule.load(path)
+        s = load_schedule(path)
         out[f"{s.method} ({s.steps}) {Path(path).name}"] = s
     for name in as_list(args.spacing):
         for k in as_list(args.nfe):
@@ -360,9 +361,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         written, notes = _save_samples(x, model, out, args.save_tensor, args.scale, name)
     for note in notes:
         print(f"note: {note}")
-    print(
-        f"{args.n} samples of {model.model_id} with {name} ({args.solver}) -> {', '.join(written)}"
-    )
+    solver = args.solver or getattr(schedule, "solver", "euler")
+    print(f"{args.n} samples of {model.model_id} with {name} ({solver}) -> {', '.join(written)}")
     return 0
 
 
@@ -455,7 +455,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         data = load_dataset("digits", "heldout").images.to(noise.device)
         features = load_digits_classifier(device=noise.device).features
-    log(f"[2/3] sampling {len(entries)} schedule(s) with {args.solver}")
+    solvers = ", ".join(sorted({e.solver for e in entries}))
+    log(f"[2/3] sampling {len(entries)} schedule(s) with {solvers}")
     records, samples = evaluate_methods(entries, noise, reference, data, features, log=log)
     if not _is_image(shape):  # PSNR is an image measure
         from dataclasses import replace
@@ -477,7 +478,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "reference_model": base.model_id,
             "samples": args.samples,
             "seed": args.seed,
-            "solver": args.solver,
+            "solvers": {n: e.solver for n, e in zip(schedules, entries)},
             "finetuned_iterations": iterations,
             "warnings": warnings,
         },
@@ -795,7 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spacing", default="uniform", choices=list(SCHEDULES), help="built-in grid for --nfe"
     )
-    p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver")
+    p.add_argument(
+        "--solver",
+        choices=list(SOLVERS),
+        help="ODE solver (default: a sampler file's own, else euler)",
+    )
     p.add_argument("--n", type=_positive, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--scale", type=_positive, default=8, help="pixel upscaling of the grid")
@@ -843,9 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--solver",
-        default="euler",
-        choices=sorted(SOLVERS),
-        help="solver used on every schedule; NFE is counted (default: euler)",
+        choices=list(SOLVERS),
+        help="solver used on every plain schedule (a sampler file brings its own); NFE is "
+        "counted (default: a sampler file's own, else euler)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="runs/evaluate", help="output folder")

@@ -1,7 +1,8 @@
 """Evaluating samplers: each method's samples from the same noises, scored against a reference.
 
 A method is an :class:`EvalEntry`: a label (any text, see :func:`bossflow.metrics.method_rank`), a
-velocity field, a schedule and a solver. :func:`evaluate_methods` samples every entry from the
+velocity field, a schedule (or a :class:`~bossflow.sampler.Sampler`, which brings its solver and
+per-step scales) and a solver. :func:`evaluate_methods` samples every entry from the
 same noises, counts its function evaluations with :class:`~bossflow.field.NFECounter` (the NFE
 reported is counted, and must equal what the solver promises on that schedule) and scores the
 samples with :func:`~bossflow.metrics.evaluate_samples`. New samplers plug in as new entries; no
@@ -19,6 +20,7 @@ from torch import Tensor
 from .errors import BossflowError
 from .field import NFECounter, VelocityField
 from .metrics import EvalRecord, _check_method, evaluate_samples
+from .sampler import Sampler
 from .schedule import Schedule
 from .solvers import nfe_for, sample
 
@@ -32,19 +34,26 @@ class EvalEntry:
     Attributes:
         label: the method's label in reports (e.g. ``"bellman"``, ``"boss"``, ``"learned"``).
         field: its velocity field ``v(x, t)``.
-        schedule: the time grid it samples on.
-        solver: the solver name (:data:`bossflow.solvers.SOLVERS`), Euler by default.
+        schedule: the time grid it samples on, or a sampler.
+        solver: the solver name (:data:`bossflow.solvers.SOLVERS`); default: the sampler's, else
+            Euler. A solver other than a sampler's own is refused.
         iterations: fine-tuning iterations behind the field, if it was fine-tuned.
     """
 
     label: str
     field: VelocityField
-    schedule: Schedule
-    solver: str = "euler"
+    schedule: Schedule | Sampler
+    solver: str | None = None
     iterations: int | None = None
 
     def __post_init__(self) -> None:
         _check_method(self.label)
+        own = getattr(self.schedule, "solver", None)
+        if own is not None and self.solver not in (None, own):
+            raise BossflowError(
+                f"{self.label}: the sampler was made for the {own} solver, not {self.solver}"
+            )
+        object.__setattr__(self, "solver", self.solver or own or "euler")
         nfe_for(self.solver, 1)  # an unknown solver fails here, naming the valid ones
 
     @property

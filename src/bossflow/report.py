@@ -27,6 +27,7 @@ from torch import Tensor
 from .errors import BossflowError, ConfigError, require
 from .io import atomic_write_bytes, atomic_write_text, ensure_dir
 from .metrics import EvalRecord, method_rank
+from .sampler import Sampler
 from .schedule import Schedule
 
 __all__ = [
@@ -276,7 +277,8 @@ def plot_schedules(
     """Plot each schedule's time ``t_k`` against its step index ``k`` (one line per schedule).
 
     Args:
-        schedules: label -> :class:`~bossflow.schedule.Schedule`.
+        schedules: label -> :class:`~bossflow.schedule.Schedule` or
+            :class:`~bossflow.sampler.Sampler` (its times are drawn).
         path: output PNG file.
         title: the plot's title.
 
@@ -286,8 +288,10 @@ def plot_schedules(
     if not isinstance(schedules, Mapping) or not schedules:
         raise ConfigError("schedules must be a non-empty mapping of name -> Schedule")
     for name, schedule in schedules.items():
-        if not isinstance(schedule, Schedule):
-            raise ConfigError(f"schedules[{name!r}] is a {type(schedule).__name__}, not a Schedule")
+        if not isinstance(schedule, (Schedule, Sampler)):
+            raise ConfigError(
+                f"schedules[{name!r}] is a {type(schedule).__name__}, not a Schedule or Sampler"
+            )
     fig = _figure()
     ax = fig.add_subplot()
     for name, schedule in schedules.items():
@@ -487,7 +491,7 @@ def _jsonable(obj: Any, where: str) -> Any:
         return _jsonable(arr.tolist(), where)
     if isinstance(obj, (os.PathLike,)):
         return os.fspath(obj)
-    if isinstance(obj, (EvalRecord, Schedule)):
+    if isinstance(obj, (EvalRecord, Schedule, Sampler)):
         return _jsonable(obj.to_dict(), where)
     if isinstance(obj, Mapping):
         out = {}
@@ -684,11 +688,13 @@ def write_report(
     for caption, name in images:
         parts.append(f"## {caption}\n\n![{caption}]({name})\n")
     if schedules:
-        table = ["| name | K | times |", "|---|---:|---|"]
-        table += [
-            f"| {name} | {s.steps} | {', '.join(f'{t:.4f}' for t in s.times)} |"
-            for name, s in schedules.items()
-        ]
+        table = ["| name | solver | K | times | scales |", "|---|---|---:|---|---|"]
+        for name, s in schedules.items():
+            scales = getattr(s, "scales", None)
+            shown = "—" if scales is None else ", ".join(f"{v:.3f}" for v in scales)
+            times = ", ".join(f"{t:.4f}" for t in s.times)
+            solver = getattr(s, "solver", "euler")
+            table.append(f"| {name} | {solver} | {s.steps} | {times} | {shown} |")
         parts.append("## Schedule times\n\n" + "\n".join(table) + "\n")
     parts.append("## Provenance\n")
     short = [
