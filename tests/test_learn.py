@@ -158,3 +158,44 @@ def test_bad_inputs_are_clear(spiral):
         learn_sampler(field, z, teacher, 2, cfg(holdout=96))
     with pytest.raises(ConfigError, match="unknown solver"):
         learn_sampler(field, z, teacher, 2, cfg(solver="rk4"))
+
+
+def test_teacher_endpoints_are_cached_and_checked(spiral, tmp_path):
+    from bossflow.learn import teacher_endpoints
+
+    field, z, _ = spiral
+    first = teacher_endpoints(field, z, steps=20, cache=tmp_path / "t.pt")
+    torch.testing.assert_close(first, sample(field, z, uniform(20), solver="heun"))
+    calls = NFECounter(field)
+    again = teacher_endpoints(calls, z, steps=20, cache=tmp_path / "t.pt")
+    assert calls.nfe == 0 and torch.equal(again, first)  # read back, not recomputed
+    with pytest.raises(CheckpointError, match="another model, noise, solver or step count"):
+        teacher_endpoints(field, z, steps=30, cache=tmp_path / "t.pt")
+
+
+@pytest.mark.slow
+def test_cli_learns_samplers_beside_the_bellman_schedules(tmp_path, capsys):
+    import json
+
+    from bossflow.cli import main
+    from bossflow.sampler import load_schedule
+
+    out = tmp_path / "s"
+    args = ["schedule", "--method", "learned", "--nfe", "2,3", "--kmax", "12", "--samples", "24",
+            "--teacher-steps", "10", "--learn-iterations", "6", "--solvers", "euler,heun,ab2",
+            "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for k in (2, 3):
+        sampler = load_schedule(out / f"learned_nfe{k}.json")
+        assert isinstance(sampler, Sampler) and sampler.nfe == k
+        assert sampler.provenance["model"] == "digits"
+        assert (out / f"schedule_nfe{k}.json").exists()
+    assert not (out / "schedule_nfe1.json").exists()  # heun's 1-step start is not a budget asked
+    assert "heun" in printed and "*" in printed
+    # rerunning resumes everything (cost matrix, teacher, learning) to the same files
+    before = json.loads((out / "learned_nfe3.json").read_text())
+    assert main(args) == 0
+    assert json.loads((out / "learned_nfe3.json").read_text()) == before
+    assert main([*args[:-5], "--solvers", "heun", "--nfe", "3", "--out", str(out)]) == 2
+    assert "can spend exactly 3" in capsys.readouterr().err

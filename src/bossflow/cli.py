@@ -35,6 +35,18 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _solver_list(text: str) -> list[str]:
+    from .solvers import SOLVERS
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in SOLVERS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected solver names from {', '.join(SOLVERS)}, comma-separated, got {text!r}"
+        )
+    return names
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -318,6 +330,23 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
     from .bellman import bellman_schedules, cost_matrix
     from .noise import NoiseSource
 
+    learned = args.method == "learned"
+    if learned:
+        from .learn import LearnConfig, steps_for
+
+        config = LearnConfig(
+            iterations=args.learn_iterations,
+            lr=args.learn_lr,
+            holdout=args.learn_holdout,
+            scales=not args.no_scales,
+            seed=args.seed,
+        )
+        config.check()  # before any long phase
+        for k in args.nfe:
+            if not any(_possible(solver, k) for solver in args.solvers):
+                raise BossflowError(
+                    f"none of --solvers {','.join(args.solvers)} can spend exactly {k} evaluations"
+                )
     model = _load(args)
     noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax}
@@ -332,15 +361,66 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
         progress=not args.quiet,
         meta=meta,
     )
-    schedules = bellman_schedules(cost, args.nfe)
+    # Bellman schedules for every budget, and for the step counts the learned samplers start from
+    budgets = set(args.nfe)
+    if learned:
+        budgets |= {
+            steps_for(solver, k)
+            for k in args.nfe
+            for solver in args.solvers
+            if _possible(solver, k)
+        }
+    schedules = bellman_schedules(cost, sorted(budgets))
     print(f"Bellman schedules for {model.model_id} (K_max={args.kmax}, {cost.count} samples)")
     print(f"{'NFE':>4}  {'cost':>12}  times")
     for k, s in sorted(schedules.items()):
-        s.save(out / f"schedule_nfe{k}.json")
-        times = " ".join(f"{t:.3f}" for t in s.times)
-        print(f"{k:>4}  {_num(s.cost):>12}  {times}")
-    print(f"wrote {out / 'cost_matrix.npz'} and {len(schedules)} schedule files in {out}")
+        if k in args.nfe:
+            s.save(out / f"schedule_nfe{k}.json")
+            times = " ".join(f"{t:.3f}" for t in s.times)
+            print(f"{k:>4}  {_num(s.cost):>12}  {times}")
+    print(f"wrote {out / 'cost_matrix.npz'} and {len(args.nfe)} schedule files in {out}")
+    if learned:
+        _learn_samplers(args, out, model, noise, schedules, config)
     return 0
+
+
+def _possible(solver: str, nfe: int) -> bool:
+    """Whether ``solver`` can spend exactly ``nfe`` evaluations (Heun cannot spend an odd NFE)."""
+    from .learn import steps_for
+
+    try:
+        steps_for(solver, nfe)
+    except BossflowError:
+        return False
+    return True
+
+
+def _learn_samplers(args, out: Path, model, noise, schedules, config) -> None:
+    """Learn one sampler per budget (best solver family on held-out noises) from the Bellman ones."""
+    from .learn import learn_best_sampler, teacher_endpoints
+
+    z = noise.take(args.samples)
+    print(f"teacher: {args.teacher_steps} Heun steps from each of the {args.samples} noises")
+    teacher = teacher_endpoints(
+        model.field, z, args.teacher_steps, "heun", args.batch_size, out / "teacher.pt",
+        progress=not args.quiet,
+    )  # fmt: skip
+    prov = {"model": model.model_id, "seed": args.seed, "teacher": f"heun {args.teacher_steps}"}
+    print(f"{'NFE':>4}  {'solver':>8}  {'held-out MSE':>12}  {'Bellman start':>13}  times")
+    for k in sorted(args.nfe):
+        best, results = learn_best_sampler(
+            model.field, z, teacher, k, args.solvers, config, schedules, None,
+            out / "learn", not args.quiet, prov,
+        )  # fmt: skip
+        for solver, r in sorted(results.items()):
+            mark = "*" if r is best else " "
+            times = " ".join(f"{t:.3f}" for t in r.sampler.times)
+            print(
+                f"{k:>4} {mark}{solver:>8}  {_num(r.heldout_error):>12}  "
+                f"{_num(r.initial_heldout_error):>13}  {times}"
+            )
+        best.sampler.save(out / f"learned_nfe{k}.json")
+    print(f"wrote learned_nfe*.json in {out} (* = kept: lowest held-out error)")
 
 
 # -- sample ------------------------------------------------------------------------------------
@@ -777,6 +857,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default="runs/schedule",
         help="output folder for cost_matrix.npz and schedule_nfe*.json",
+    )
+    g = p.add_argument_group(
+        "learned samplers (--method learned)",
+        "Fit each budget's times and per-step velocity scales to the final error against fine "
+        "teacher solves of the same noises (network frozen), starting from the Bellman schedule; "
+        "one sampler per solver family, the best on held-out noises is kept. Writes "
+        "learned_nfe{K}.json beside the Bellman schedules.",
+    )
+    g.add_argument(
+        "--method",
+        choices=["bellman", "learned"],
+        default="bellman",
+        help="bellman: the paper's DP schedules; learned: also learn samplers from them",
+    )
+    g.add_argument(
+        "--solvers",
+        type=_solver_list,
+        default=["euler", "ab2"],
+        help="solver families to learn, comma-separated (euler, heun, midpoint, ab2, ab3)",
+    )
+    g.add_argument(
+        "--no-scales", action="store_true", help="learn times only (a plain Euler result exports)"
+    )
+    g.add_argument(
+        "--teacher-steps",
+        type=_positive,
+        default=200,
+        help="Heun steps of the teacher solve from each noise",
+    )
+    g.add_argument(
+        "--learn-iterations", type=_positive, default=200, help="Adam steps per sampler at most"
+    )
+    g.add_argument(
+        "--learn-lr", type=_positive_float, default=0.05, help="Adam learning rate of the sampler"
+    )
+    g.add_argument(
+        "--learn-holdout",
+        type=_fraction_or_count,
+        default=0.25,
+        help="noises held out to pick and stop the learning: a fraction or a count",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_schedule)
