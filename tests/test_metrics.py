@@ -206,9 +206,9 @@ def test_evaluate_samples_ties_metrics_together():
 
 
 def test_method_rank_orders_known_then_new_labels_then_reference():
-    labels = ["reference", "zeta", "boss", "learned", "uniform", "reflow"]
+    labels = ["reference", "zeta", "boss", "my-sampler", "uniform", "reflow"]
     ordered = sorted(labels, key=method_rank)
-    assert ordered == ["uniform", "boss", "reflow", "learned", "zeta", "reference"]
+    assert ordered == ["uniform", "boss", "reflow", "my-sampler", "zeta", "reference"]
     assert [m for m in sorted(METHODS, key=method_rank)] == list(METHODS)
 
 

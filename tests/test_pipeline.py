@@ -8,6 +8,7 @@ import torch
 from bossflow.cli import main
 from bossflow.metrics import METHODS
 from bossflow.pipeline import DemoConfig, run_demo
+from bossflow.sampler import load_schedule
 
 REQUIRED = {"method", "nfe", "mse_to_reference", "psnr", "frechet", "wall_s", "iterations"}
 
@@ -31,13 +32,24 @@ def test_quick_demo_writes_a_valid_report(quick_demo):
     for k in cfg.straighten_nfes:
         assert {("boss", k), ("boss-lora", k), ("reflow", k)} <= seen
     assert ("reference", cfg.reference_steps) in seen
+    for k in cfg.learn_nfes:  # learned samplers: one row per budget, NFE counted = K
+        assert ("learned", k) in seen
+        sampler = load_schedule(quick_demo / "schedule" / f"learned_nfe{k}.json")
+        assert sampler.nfe == k and sampler.solver in cfg.learn_solvers
+        chosen = results["learned_samplers"][f"learned-nfe{k}"]
+        assert set(chosen["families"]) == set(cfg.learn_solvers)
+        best = min(chosen["families"].items(), key=lambda kv: kv[1]["heldout_mse"])[0]
+        assert chosen["chosen"] == sampler.solver == best
+    for k in cfg.boss_learn_nfes:
+        assert ("boss-learned", k) in seen
+        assert (quick_demo / "straighten" / f"boss-nfe{k}" / f"learned_nfe{k}.json").exists()
     assert {r["method"] for r in records} <= set(METHODS)
     for r in records:
         if r["method"] == "reference":
             assert r["mse_to_reference"] == 0
         else:
             assert r["mse_to_reference"] > 0 and r["wall_s"] > 0
-        if r["method"] in ("boss", "boss-lora", "reflow"):
+        if r["method"] in ("boss", "boss-lora", "reflow", "boss-learned"):
             assert r["iterations"] is not None
     for name in ("report.md", "samples.png", "schedules.png", "error_vs_nfe.png"):
         assert (quick_demo / name).stat().st_size > 0
@@ -53,6 +65,8 @@ def test_demo_rerun_resumes_instead_of_recomputing(quick_demo, capsys):
     run_demo(quick_demo, DemoConfig.quick(), progress=False)
     after = (quick_demo / "straighten" / "boss-nfe2" / "checkpoint.pt").stat().st_mtime_ns
     assert before == after  # finished training is not redone
+    learn_ckpt = quick_demo / "learn" / "learned-nfe2" / "ab2-nfe2" / "checkpoint.pt"
+    assert learn_ckpt.exists()
 
 
 def run(*args) -> int:

@@ -44,7 +44,17 @@ __all__ = [
 #: The methods bossflow itself evaluates, in the order reports list them. Labels are open: a record
 #: may carry any other label (a new sampler, a user's own method), listed after these
 #: (alphabetically) and before ``"reference"``; see :func:`method_rank`.
-METHODS: tuple[str, ...] = ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow", "reference")
+METHODS: tuple[str, ...] = (
+    "uniform",
+    "edm",
+    "bellman",
+    "learned",
+    "boss",
+    "boss-lora",
+    "boss-learned",
+    "reflow",
+    "reference",
+)
 
 
 def method_rank(label: str) -> tuple[int, str]:

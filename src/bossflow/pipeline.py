@@ -46,6 +46,16 @@ class DemoConfig:
         eval_samples: held-out evaluation noises.
         reference_steps: Euler steps of the reference solve.
         batch: trajectories integrated at once in the schedule and pair stages.
+        learn_nfes: budgets for which a sampler is learned on the pretrained model (``learned``).
+        boss_learn_nfes: budgets for which a sampler is learned on the BOSS model
+            (``boss-learned``); among ``straighten_nfes``.
+        learn_solvers: solver families learned at each budget; the best on held-out noises is kept.
+        learn_samples: noises of the sampler learning (the cost matrix's first ones; a quarter
+            is held out for early stopping and the choice of solver).
+        teacher_steps: Heun steps of the teacher solve from each of those noises.
+        learn_iterations: Adam steps per learned sampler at most.
+        learn_batch_size: noises per Adam step.
+        learn_lr: Adam's learning rate on the sampler's parameters.
     """
 
     seed: int = 0
@@ -62,9 +72,32 @@ class DemoConfig:
     eval_samples: int = 256
     reference_steps: int = 1000
     batch: int = 256
+    learn_nfes: tuple[int, ...] = (2, 4, 6, 8)
+    boss_learn_nfes: tuple[int, ...] = (2, 4)
+    learn_solvers: tuple[str, ...] = ("euler", "ab2")
+    learn_samples: int = 256
+    teacher_steps: int = 100
+    learn_iterations: int = 200
+    learn_batch_size: int = 64
+    learn_lr: float = 0.05
 
     def __post_init__(self) -> None:
         from .errors import ConfigError
+
+        if not set(self.learn_nfes) <= set(self.nfes):
+            raise ConfigError(
+                f"learn_nfes {list(self.learn_nfes)} must be among nfes {list(self.nfes)}"
+            )
+        if not set(self.boss_learn_nfes) <= set(self.straighten_nfes):
+            raise ConfigError(
+                f"boss_learn_nfes {list(self.boss_learn_nfes)} must be among straighten_nfes "
+                f"{list(self.straighten_nfes)}: a sampler is learned on a straightened model"
+            )
+        if self.learn_samples > self.schedule_samples:
+            raise ConfigError(
+                f"learn_samples {self.learn_samples} must not exceed schedule_samples "
+                f"{self.schedule_samples}: the sampler is learned on the cost matrix's noises"
+            )
 
         if not set(self.straighten_nfes) <= set(self.nfes):
             raise ConfigError(
@@ -86,6 +119,12 @@ class DemoConfig:
             eval_samples=64,
             reference_steps=100,
             batch=64,
+            learn_nfes=(2, 4),
+            boss_learn_nfes=(2,),
+            learn_samples=32,
+            teacher_steps=20,
+            learn_iterations=10,
+            learn_batch_size=16,
         )
         return replace(small, **overrides)
 
@@ -168,6 +207,47 @@ def _straighten_stage(model, cfg, out, source, schedules, progress):
     return pairs, runs
 
 
+def _learn_stage(model, cfg: DemoConfig, out: Path, source, bellman, runs, progress: bool):
+    """Learned samplers on the pretrained model (``learned``) and on BOSS (``boss-learned``).
+
+    The teacher is a Heun solve of the pretrained model from the cost matrix's first noises
+    (cached). BOSS was trained to shortcut the pretrained trajectories, so its sampler is learned
+    against the same teacher, starting from the Bellman grid it was trained on.
+    """
+    from dataclasses import replace as _replace
+
+    from .learn import LearnConfig, learn_best_sampler, teacher_endpoints
+
+    z = OffsetNoise(source, STAGE_OFFSETS["schedule"]).take(cfg.learn_samples)
+    _log(progress, f"  teacher: {cfg.teacher_steps} Heun steps from {cfg.learn_samples} noises")
+    teacher = teacher_endpoints(
+        model.field, z, cfg.teacher_steps, "heun", cfg.batch, out / "teacher.pt", progress
+    )
+    config = LearnConfig(
+        iterations=cfg.learn_iterations,
+        batch_size=cfg.learn_batch_size,
+        lr=cfg.learn_lr,
+        seed=cfg.seed,
+    )
+    prov = {"model": model.model_id, "seed": cfg.seed, "teacher": f"heun {cfg.teacher_steps}"}
+    learned, boss_learned = {}, {}
+    jobs = [("learned", k, model.field) for k in cfg.learn_nfes]
+    jobs += [("boss-learned", k, runs[("boss", k)].module) for k in cfg.boss_learn_nfes]
+    for label, k, fld in jobs:
+        _log(progress, f"  {label}, NFE {k}: {', '.join(cfg.learn_solvers)}")
+        inits = {k: bellman[k]}  # every default family takes one evaluation per step
+        best, every = learn_best_sampler(
+            fld, z, teacher, k, cfg.learn_solvers, _replace(config), inits, None,
+            out / f"{label}-nfe{k}", progress, {**prov, "field": label},
+        )  # fmt: skip
+        (learned if label == "learned" else boss_learned)[k] = (best, every)
+        for solver, r in every.items():
+            mark = "*" if r is best else " "
+            _log(progress, f"   {mark}{solver:>6}: held-out MSE {r.heldout_error:.4g} "
+                 f"(from {r.initial_heldout_error:.4g}), {r.iterations} iterations")  # fmt: skip
+    return learned, boss_learned
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     config: DemoConfig | None = None,
@@ -211,19 +291,31 @@ def _run_demo_locked(
     source = NoiseSource(model.sample_shape, seed=cfg.seed, device=device)
     timings: dict[str, float] = {}
 
-    _log(progress, f"[1/4] Bellman schedules (K_max={cfg.kmax}, {cfg.schedule_samples} noises)")
+    _log(progress, f"[1/5] Bellman schedules (K_max={cfg.kmax}, {cfg.schedule_samples} noises)")
     start = time.perf_counter()
     cost, bellman = _schedule_stage(model, cfg, ensure_dir(out / "schedule"), source, progress)
     timings["schedules"] = time.perf_counter() - start
 
-    _log(progress, f"[2/4] straightening pairs and fine-tuning (NFE {list(cfg.straighten_nfes)})")
+    _log(progress, f"[2/5] straightening pairs and fine-tuning (NFE {list(cfg.straighten_nfes)})")
     start = time.perf_counter()
     _, runs = _straighten_stage(
         model, cfg, ensure_dir(out / "straighten"), source, bellman, progress
     )
     timings["straighten"] = time.perf_counter() - start
 
-    _log(progress, f"[3/4] evaluation on {cfg.eval_samples} held-out noises")
+    _log(progress, f"[3/5] learned samplers (NFE {list(cfg.learn_nfes)}; on BOSS "
+         f"{list(cfg.boss_learn_nfes)})")  # fmt: skip
+    start = time.perf_counter()
+    learned, boss_learned = _learn_stage(
+        model, cfg, ensure_dir(out / "learn"), source, bellman, runs, progress
+    )
+    for k, (best, _) in learned.items():
+        best.sampler.save(out / "schedule" / f"learned_nfe{k}.json")
+    for k, (best, _) in boss_learned.items():
+        best.sampler.save(out / "straighten" / f"boss-nfe{k}" / f"learned_nfe{k}.json")
+    timings["learn"] = time.perf_counter() - start
+
+    _log(progress, f"[4/5] evaluation on {cfg.eval_samples} held-out noises")
     start = time.perf_counter()
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(cfg.eval_samples))
     _log(progress, f"  reference solve: {cfg.reference_steps} Euler steps per noise")
@@ -254,6 +346,13 @@ def _run_demo_locked(
         ):
             run = runs[(method, k)]
             methods.append(EvalEntry(method, run.module, schedule, iterations=run.iterations))
+    for _k, (best, _) in sorted(learned.items()):
+        methods.append(EvalEntry("learned", model.field, best.sampler))
+    for k, (best, _) in sorted(boss_learned.items()):
+        run = runs[("boss", k)]
+        methods.append(
+            EvalEntry("boss-learned", run.module, best.sampler, iterations=run.iterations)
+        )
     features = classifier.features
     records, samples = evaluate_methods(
         methods, noise, reference, heldout_images, features, log=print if progress else None
@@ -272,13 +371,15 @@ def _run_demo_locked(
     )
     timings["evaluation"] = time.perf_counter() - start
 
-    _log(progress, "[4/4] report")
+    _log(progress, "[5/5] report")
 
     def grid_rows(k: int) -> dict[str, torch.Tensor]:
         """The same methods, in the same order, in every sample grid."""
+        shown = ("uniform", "edm", "bellman", "learned", "boss", "boss-lora", "boss-learned")
         rows = {
             f"{m} ({k} NFE)": samples[(m, k)][:16].cpu()
-            for m in ("uniform", "edm", "bellman", "boss", "boss-lora", "reflow")
+            for m in (*shown, "reflow")
+            if (m, k) in samples
         }
         return rows | {f"reference ({cfg.reference_steps} steps)": reference[:16].cpu()}
 
@@ -292,6 +393,7 @@ def _run_demo_locked(
     plotted = {f"uniform ({k})": uniform(k) for k in cfg.straighten_nfes}
     plotted |= {f"edm ({k})": edm(k) for k in cfg.straighten_nfes}
     plotted |= {f"bellman ({k})": bellman[k] for k in cfg.nfes}
+    plotted |= {f"learned ({k})": best.sampler for k, (best, _) in learned.items()}
     timings["total"] = time.perf_counter() - t0
     extra = {
         "model": model.model_id,
@@ -304,6 +406,26 @@ def _run_demo_locked(
         "cost_matrix_samples": cost.count,
         "timings_s": timings,
         "schedules": {str(k): s.tolist() for k, s in bellman.items()},
+        "learned_samplers": {
+            f"{label}-nfe{k}": {
+                "chosen": best.sampler.solver,
+                "sampler": best.sampler.to_dict(),
+                "families": {
+                    solver: {
+                        "heldout_mse": r.heldout_error,
+                        "initial_heldout_mse": r.initial_heldout_error,
+                        "iterations": r.iterations,
+                        "best_iteration": r.best_iteration,
+                        "wall_s": r.wall_s,
+                        "times": r.sampler.times.tolist(),
+                        "scales": None if r.sampler.scales is None else r.sampler.scales.tolist(),
+                    }
+                    for solver, r in every.items()
+                },
+            }
+            for label, table in (("learned", learned), ("boss-learned", boss_learned))
+            for k, (best, every) in table.items()
+        },
         "straightening": {
             f"{m}-nfe{k}": {
                 "iterations": r.iterations,
