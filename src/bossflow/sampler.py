@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ConfigError, ScheduleError
 from .schedule import _FORMAT as _SCHEDULE_FORMAT
-from .schedule import Schedule, _format_version, _validated_times
+from .schedule import Schedule, _format_version, _validated_times, read_schedule_json
 from .solvers import SOLVERS, nfe_for
 
 __all__ = ["Sampler", "load_schedule", "SAMPLER_FORMAT"]
@@ -209,14 +209,7 @@ def load_schedule(path: str | os.PathLike) -> Schedule | Sampler:
             newer than this bossflow reads (one line saying so).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScheduleError(f"schedule file {path} does not exist") from None
-    except OSError as err:
-        raise ScheduleError(f"cannot read schedule file {path}: {err.strerror or err}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
+    data = read_schedule_json(path)
     if isinstance(data, list):
         return Schedule(np.asarray(data, dtype=np.float64))
     if not isinstance(data, Mapping):

@@ -45,6 +45,19 @@ def _format_version(fmt: Any, family: str, where: str) -> int:
     return version
 
 
+def read_schedule_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of a schedule or sampler file; one clear error if it cannot be read."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScheduleError(f"schedule file {path} does not exist") from None
+    except OSError as err:
+        raise ScheduleError(f"cannot read schedule file {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
+
+
 def _validated_times(times: Any) -> np.ndarray:
     try:
         arr = np.asarray(times, dtype=np.float64)
@@ -209,17 +222,7 @@ class Schedule:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:
         """Read a schedule written by :meth:`save` (or a JSON list of times)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ScheduleError(f"schedule file {path} does not exist") from None
-        except OSError as err:
-            raise ScheduleError(
-                f"cannot read schedule file {path}: {err.strerror or err}"
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ScheduleError(f"schedule file {path} is not valid JSON: {err}") from None
+        data = read_schedule_json(path)
         if isinstance(data, list):
             return cls(np.asarray(data, dtype=np.float64))
         return cls.from_dict(data)
