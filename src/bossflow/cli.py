@@ -35,18 +35,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _solver_list(text: str) -> list[str]:
-    from .solvers import SOLVERS
-
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in SOLVERS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(
-            f"expected solver names from {', '.join(SOLVERS)}, comma-separated, got {text!r}"
-        )
-    return names
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -873,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--solvers",
-        type=_solver_list,
+        type=_choice_list(SOLVERS, "solver"),
         default=["euler", "ab2"],
         help="solver families to learn, comma-separated (euler, heun, midpoint, ab2, ab3)",
     )
