@@ -42,18 +42,8 @@ def test_schedule_writes_matrix_and_schedules(tmp_path, capsys):
     assert CostMatrix.load(out / "cost_matrix.npz").count == 14
 
 
-def test_schedule_on_user_module_with_checkpoint(tmp_path, monkeypatch, capsys):
-    (tmp_path / "mymodel.py").write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    sample_shape = (4,)\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.lin = torch.nn.Linear(5, 4)\n"
-        "    def forward(self, x, t):\n"
-        "        return self.lin(torch.cat([x, t[:, None]], 1))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_schedule_on_user_module_with_checkpoint(tmp_path, user_module, capsys):
+    user_module("mymodel")
     import mymodel
     from safetensors.torch import save_file
 

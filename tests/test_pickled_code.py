@@ -81,18 +81,8 @@ def test_state_dict_files_refuse_pickled_code(payloads, tmp_path, capsys):
     assert "pickled code ran" not in capsys.readouterr().out
 
 
-def test_cli_checkpoint_with_pickled_code_is_one_line(payloads, tmp_path, monkeypatch, capsys):
-    (tmp_path / "mymodel_pickled.py").write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    sample_shape = (4,)\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.lin = torch.nn.Linear(5, 4)\n"
-        "    def forward(self, x, t):\n"
-        "        return self.lin(torch.cat([x, t[:, None]], 1))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_cli_checkpoint_with_pickled_code_is_one_line(payloads, tmp_path, user_module, capsys):
+    user_module("mymodel_pickled")
     path, blocked = payloads["print"]
     args = ["schedule", "--model", "mymodel_pickled:Net", "--checkpoint", str(path), "--quiet"]
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
