@@ -18,7 +18,7 @@ Typical use::
 
 from .bellman import CostMatrix, bellman_schedules, cost_matrix
 from .errors import BossflowError
-from .field import NFECounter, VelocityField
+from .field import Guided, NFECounter, VelocityField
 from .noise import NoiseSource
 from .sampler import Sampler, load_schedule
 from .schedule import Schedule, edm, quadratic, uniform
@@ -48,6 +48,7 @@ __all__ = [
     "quadratic",
     "reference_solve",
     "sample",
+    "Guided",
     "straighten",
     "uniform",
     "__version__",

@@ -5,12 +5,15 @@ Convention used everywhere in bossflow: time ``t`` runs in [0, 1], noise at ``t 
 ODE ``dx/dt = v(x, t)`` from 0 to 1.
 
 A *velocity field* is any callable ``v(x, t) -> Tensor`` with ``x: (B, ...)`` and ``t: (B,)`` whose
-output has the shape of ``x``. Models trained with another convention are wrapped by the small
-adapters below; each states its mapping, so no hidden constant lives anywhere else.
+output has the shape of ``x``. A conditional field also takes conditioning tensors as keywords,
+``v(x, t, **cond)``, each with first dimension B (row b goes with sample b): class labels, text
+embeddings, a distilled guidance value. Models trained with another convention are wrapped by the
+small adapters below; each states its mapping, so no hidden constant lives anywhere else.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -27,9 +30,12 @@ __all__ = [
     "NFECounter",
     "AffineGaussianField",
     "SpiralField",
+    "Guided",
     "time_batch",
     "check_velocity",
     "call_field",
+    "bind_cond",
+    "check_cond",
 ]
 
 
@@ -37,7 +43,7 @@ __all__ = [
 class VelocityField(Protocol):
     """``v(x, t)``: ``x`` of shape (B, ...), ``t`` of shape (B,) in [0, 1]; returns dx/dt like ``x``."""
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor: ...
 
 
 def time_dtype(x: Tensor) -> torch.dtype:
@@ -91,10 +97,12 @@ def call_field(
     t: Tensor,
     where: str = "the velocity field",
     check: bool = True,
+    cond: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """``field(x, t)``, checked by :func:`check_velocity`; a model that raises becomes one error.
+    """``field(x, t, **cond)``, checked by :func:`check_velocity`; a model that raises becomes one error.
 
     ``check=False`` skips :func:`check_velocity` (a training loop checks its own outputs).
+    ``cond``: conditioning tensors with first dimension ``x.shape[0]`` (none: ``field(x, t)``).
 
     An exception from inside the model (a layer refusing the input's shape or dtype, a bug in a
     user's module) is re-raised as :class:`~bossflow.errors.ModelCallError` naming the call, the
@@ -104,17 +112,19 @@ def call_field(
     from .errors import BossflowError, ModelCallError
 
     try:
-        out = field(x, t)
+        out = field(x, t, **cond) if cond else field(x, t)
     except BossflowError:
         raise
     except Exception as err:
         message = " ".join(str(err).split())
         if len(message) > 300:
             message = message[:300] + " ..."
+        given = "".join(f", {k} of shape {tuple(v.shape)}" for k, v in (cond or {}).items())
         raise ModelCallError(
             f"{where} raised {type(err).__name__} when called with x of shape {tuple(x.shape)} "
-            f"({x.dtype}, {x.device}) and t of shape {tuple(t.shape)}: {message}. Check that the "
-            "sample shape (--shape) and the calling convention (--convention) match the model."
+            f"({x.dtype}, {x.device}) and t of shape {tuple(t.shape)}{given}: {message}. Check "
+            "that the sample shape (--shape), the conditioning (--cond) and the calling convention "
+            "(--convention) match the model."
         ) from err
     return check_velocity(out, x, where) if check else out
 
@@ -153,10 +163,10 @@ class RectifiedFlowField(nn.Module):
         self.eps = float(eps)
         self.time_scale = float(time_scale)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
         s = self.eps + (1.0 - self.eps) * t
-        return (1.0 - self.eps) * _unwrap_output(self.network(x, self.time_scale * s))
+        return (1.0 - self.eps) * _unwrap_output(self.network(x, self.time_scale * s, **cond))
 
 
 class DiffusersField(nn.Module):
@@ -188,53 +198,103 @@ class DiffusersField(nn.Module):
         self.num_train_timesteps = num_train_timesteps
         self.sample_keyword = sample_keyword
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
         timestep = self.num_train_timesteps * (1.0 - t)
+        kwargs = {**self.model_kwargs, **cond}
         if self.sample_keyword is None:
-            out = self.network(x, timestep, **self.model_kwargs)
+            out = self.network(x, timestep, **kwargs)
         else:
-            out = self.network(**{self.sample_keyword: x}, timestep=timestep, **self.model_kwargs)
+            out = self.network(**{self.sample_keyword: x}, timestep=timestep, **kwargs)
         return -_unwrap_output(out)
 
 
 class FlowMatchingField(nn.Module):
-    """Adapter for Meta's ``flow_matching`` models, called as ``model(x=x, t=t0, **extras)``.
+    """Adapter for Meta's ``flow_matching`` models, called as ``model(x=x, t=t, **extras)``.
 
-    ``flow_matching`` uses bossflow's time convention but passes a 0-dim ``t``. When the batch's
-    times differ (rare: only straightening does that), the model is called once per distinct time.
+    ``flow_matching`` uses bossflow's time convention; its ``ODESolver`` passes a 0-dim ``t``.
+    When all times of a batch are equal (sampling), the model gets that 0-dim ``t``. When they
+    differ (straightening), a model that accepts a (B,) ``t`` is called once with it; one that
+    does not is called once per distinct time. ``batched_time=None`` finds out on the first
+    mixed batch: both ways are computed once and compared (1e-5 relative), then the faster one is
+    kept.
+
+    Args:
+        model: the ``flow_matching`` model (a ``ModelWrapper`` or any ``model(x=, t=, **extras)``).
+        batched_time: True: the model takes a (B,) ``t``; False: it needs a 0-dim ``t``;
+            None: detect.
+        **extras: static keyword arguments for every call (per-sample ones go in ``cond``).
     """
 
-    def __init__(self, model: nn.Module, **extras: Any):
+    def __init__(self, model: nn.Module, batched_time: bool | None = None, **extras: Any):
         super().__init__()
         self.network = model
+        self.batched_time = batched_time
         self.extras = extras
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        t = time_batch(t, x)
-        if bool((t == t[0]).all()):
-            return _unwrap_output(self.network(x=x, t=t[0], **self.extras))
+    def _call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return _unwrap_output(self.network(x=x, t=t, **self.extras, **cond))
+
+    def _per_time(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         out = torch.empty_like(x)
         for value in torch.unique(t):
             rows = t == value
-            out[rows] = _unwrap_output(self.network(x=x[rows], t=value, **self.extras))
+            out[rows] = self._call(x[rows], value, {k: v[rows] for k, v in cond.items()})
         return out
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        t = time_batch(t, x)
+        if bool((t == t[0]).all()):
+            return self._call(x, t[0], cond)
+        if self.batched_time is False:
+            return self._per_time(x, t, cond)
+        if self.batched_time:
+            return self._call(x, t, cond)
+        reference = self._per_time(x, t, cond)
+        try:
+            batched = self._call(x, t, cond)
+            same = batched.shape == reference.shape and bool(
+                torch.allclose(
+                    batched, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max())
+                )
+            )
+        except Exception:  # the model cannot take a (B,) time: that is the answer
+            same = False
+        self.batched_time = same
+        return reference
 
 
 class TorchCFMField(nn.Module):
-    """Adapter for ``torchcfm`` / torchdyn models, called as ``model(t, x)`` with ``t`` of shape (B,).
+    """Adapter for ``torchcfm`` / torchdyn models, called as ``model(t, x, **cond)``, ``t``: (B,).
 
-    torchcfm uses bossflow's time convention (noise at 0). ``scalar_time=True`` passes a 0-dim ``t``
+    torchcfm uses bossflow's time convention (noise at 0). Class-conditional torchcfm UNets take
+    the labels as ``y``: pass ``cond={"y": labels}``. ``scalar_time=True`` passes a 0-dim ``t``
     instead, for models that broadcast a scalar time themselves (requires equal times in a batch).
+
+    torchcfm's ``torch_wrapper`` (``model(cat([x, t.repeat(B)[:, None]], 1))``, for torchdyn) is
+    recognised and unwrapped: its inner network gets ``cat([x, t[:, None]], 1)`` with each row's
+    own time, which is what the wrapper computes when all times are equal. A bare network of that
+    kind (an MLP on ``[x, t]``) is adapted with ``concat_time=True``.
     """
 
-    def __init__(self, model: nn.Module, scalar_time: bool = False):
+    def __init__(self, model: nn.Module, scalar_time: bool = False, concat_time: bool = False):
         super().__init__()
+        if type(model).__name__ == "torch_wrapper" and isinstance(
+            getattr(model, "model", None), nn.Module
+        ):
+            model, concat_time = model.model, True
         self.network = model
         self.scalar_time = scalar_time
+        self.concat_time = concat_time
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
+        if self.concat_time:
+            if x.ndim != 2:
+                raise ConfigError(
+                    f"concat_time models take flat (B, D) samples, got x of shape {tuple(x.shape)}"
+                )
+            return _unwrap_output(self.network(torch.cat([x, t[:, None].to(x.dtype)], 1), **cond))
         if self.scalar_time:
             if not bool((t == t[0]).all()):
                 raise ConfigError(
@@ -242,7 +302,7 @@ class TorchCFMField(nn.Module):
                     "mixes times, so use scalar_time=False for it"
                 )
             t = t[0]
-        return _unwrap_output(self.network(t, x))
+        return _unwrap_output(self.network(t, x, **cond))
 
 
 class NFECounter(nn.Module):
@@ -263,10 +323,99 @@ class NFECounter(nn.Module):
         self.nfe = 0
         self.samples = 0
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         self.nfe += 1
         self.samples += x.shape[0]
-        return self.field(x, t)
+        return self.field(x, t, **cond)
+
+
+def _rows_for(value: Tensor, batch: int, name: str, where: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ConfigError(f"{where}: {name} must be a tensor, got {type(value).__name__}")
+    if value.ndim == 0 or value.shape[0] not in (1, batch):
+        raise ConfigError(
+            f"{where}: {name} has shape {tuple(value.shape)}; its first dimension must be the "
+            f"batch ({batch}) or 1 (the same for every sample)"
+        )
+    return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 and batch != 1 else value
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance: ``v = v_u + scale * (v_c - v_u)`` in one call of 2B rows.
+
+    ``v_c = field(x, t, **cond)`` and ``v_u = field(x, t, **uncond)``; the two are stacked into a
+    single batch (unconditional rows first), as diffusers pipelines do, so a guided NFE costs one
+    model call. ``scale = 1`` is the conditional field, ``scale = 0`` the unconditional one.
+
+    The unconditional inputs come from ``uncond`` (tensors with first dimension 1, the same for
+    every sample: a null label, an empty prompt's embedding) or per sample through the
+    conditioning itself, under the key ``"uncond." + name`` (rows sliced with the noise like any
+    conditioning). Every conditioning key needs an unconditional value from one of the two.
+    Guidance-distilled models (FLUX ``guidance``) take their guidance as plain conditioning and
+    need no ``Guided``.
+
+    Args:
+        field: a conditional velocity field ``field(x, t, **cond)``.
+        scale: the guidance scale ``w``.
+        uncond: unconditional inputs by conditioning key, first dimension 1 or B.
+    """
+
+    PREFIX = "uncond."
+
+    def __init__(self, field: nn.Module, scale: float, uncond: dict[str, Tensor] | None = None):
+        super().__init__()
+        if not isinstance(scale, (int, float)) or scale != scale:
+            raise ConfigError(f"the guidance scale must be a number, got {scale!r}")
+        self.field = field
+        self.scale = float(scale)
+        self.uncond = dict(uncond or {})
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        t = time_batch(t, x)
+        batch = x.shape[0]
+        per_sample = {
+            k[len(self.PREFIX) :]: v for k, v in cond.items() if k.startswith(self.PREFIX)
+        }
+        cond = {k: v for k, v in cond.items() if not k.startswith(self.PREFIX)}
+        if not cond:
+            raise ConfigError(
+                "guidance needs conditioning: pass cond= (e.g. labels or prompt embeddings)"
+            )
+        both = {}
+        for name, value in cond.items():
+            null = per_sample.get(name, self.uncond.get(name))
+            if null is None:
+                raise ConfigError(
+                    f"guidance has no unconditional value for {name!r}: give uncond={{{name!r}: "
+                    f"...}} or per-sample {self.PREFIX + name!r} in the conditioning"
+                )
+            c = _rows_for(value, batch, name, "guidance")
+            u = _rows_for(null.to(device=c.device), batch, f"the unconditional {name}", "guidance")
+            both[name] = torch.cat([u.to(c.dtype), c])
+        v = self.field(torch.cat([x, x]), torch.cat([t, t]), **both)
+        v_u, v_c = v.chunk(2)
+        return v_u + self.scale * (v_c - v_u)
+
+
+def check_cond(cond: dict[str, Tensor] | None, batch: int, where: str) -> dict[str, Tensor] | None:
+    """Validate conditioning for a batch of ``batch`` samples; (1, ...) tensors are broadcast.
+
+    Raises:
+        ConfigError: not a mapping of names to tensors, or a first dimension other than 1 or B.
+    """
+    if cond is None:
+        return None
+    if not isinstance(cond, dict) or not all(isinstance(k, str) for k in cond):
+        raise ConfigError(
+            f"{where}: cond must be a dict of conditioning tensors by keyword, got "
+            f"{type(cond).__name__}"
+        )
+    return {k: _rows_for(v, batch, f"cond[{k!r}]", where) for k, v in cond.items()} or None
+
+
+def bind_cond(field: VelocityField, cond: dict[str, Tensor] | None) -> VelocityField:
+    """``field`` with conditioning fixed: ``bind_cond(f, c)(x, t) = f(x, t, **c)`` (None: ``f``)."""
+    return functools.partial(field, **cond) if cond else field
 
 
 class AffineGaussianField(nn.Module):

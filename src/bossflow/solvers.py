@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .field import VelocityField, call_field, time_dtype
+from .field import VelocityField, bind_cond, call_field, check_cond, time_dtype
 from .schedule import Schedule, uniform
 
 __all__ = [
@@ -168,6 +168,7 @@ def sample(
     callback: Callback | None = None,
     grad: bool = False,
     scales: Sequence[float] | np.ndarray | Tensor | None = None,
+    cond: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Integrate from ``noise`` at t = 0 to t = 1 on the schedule's times.
 
@@ -190,6 +191,8 @@ def sample(
             (``v`` is the velocity at ``(x, t)``).
         grad: keep the autograd graph (off by default: sampling runs under ``torch.no_grad``).
         scales: (K,) per-step scales ``s_k``; default: the sampler's, else none.
+        cond: conditioning tensors for a conditional field, ``field(x, t, **cond)``: each with
+            first dimension B (row b goes with ``noise[b]``) or 1 (shared).
 
     Returns:
         (B, ...) the states at t = 1.
@@ -216,6 +219,7 @@ def sample(
             raise ConfigError(
                 f"give one scale per step: {len(times) - 1} steps, {len(scales)} scales"
             )
+    field = bind_cond(field, check_cond(cond, noise.shape[0], "sample"))
     x, past = noise, []
     with nullcontext() if grad else torch.no_grad():
         for i in range(len(times) - 1):
@@ -250,11 +254,12 @@ def reference_solve(
     steps: int = 1000,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    cond: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """A fine solve used as ground truth: ``steps``-step Euler/Heun, or adaptive ``"dopri5"``.
 
     ``"dopri5"`` uses ``torchdiffeq`` (extra ``ode``) at the given tolerances; the others are
-    :func:`sample` on the uniform grid of ``steps`` intervals.
+    :func:`sample` on the uniform grid of ``steps`` intervals. ``cond`` as in :func:`sample`.
 
     Returns:
         (B, ...) states at t = 1, dtype and device of ``noise``.
@@ -264,10 +269,12 @@ def reference_solve(
 
         torchdiffeq = require("torchdiffeq", "ode", "the dopri5 reference solver")
 
+        bound = check_cond(cond, noise.shape[0], "reference_solve")
+
         def rhs(t: Tensor, x: Tensor) -> Tensor:
-            return call_field(field, x, t.expand(x.shape[0]).to(time_dtype(x)))
+            return call_field(field, x, t.expand(x.shape[0]).to(time_dtype(x)), cond=bound)
 
         grid = torch.tensor([0.0, 1.0], dtype=noise.dtype, device=noise.device)
         with torch.no_grad():
             return torchdiffeq.odeint(rhs, noise, grid, method="dopri5", rtol=rtol, atol=atol)[-1]
-    return sample(field, noise, uniform(steps), solver=method)
+    return sample(field, noise, uniform(steps), solver=method, cond=cond)
