@@ -17,6 +17,11 @@ Built-in names resolve to the package's ``assets/`` folder:
   scikit-learn digits (time convention: noise at ``t = 0``, data at ``t = 1``).
 - ``"digits-classifier"``: :class:`~bossflow.models.unet.DigitClassifier` for those digits, whose
   features define the Fréchet distance of the demo.
+- ``"digits-cond"``: the class-conditional :class:`~bossflow.models.unet.DigitUNet` on the same
+  digits (``num_classes = 10``, null label 10, trained with label dropout for classifier-free
+  guidance), called ``v(x, t, class_labels=y)``. Its JSON records the default guidance scale
+  (``provenance["guidance"]["scale"]``, see :func:`guidance_defaults`); :func:`class_labels_cond`
+  and :func:`null_class_cond` make its conditioning.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +53,10 @@ __all__ = [
     "load_state_dict_strict",
     "load_digits_field",
     "load_digits_classifier",
+    "load_digits_cond_field",
+    "class_labels_cond",
+    "null_class_cond",
+    "guidance_defaults",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -63,6 +73,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 BUILTIN_MODELS: dict[str, str] = {
     "digits": "rectified-flow UNet velocity field on scikit-learn digits (8x8)",
     "digits-classifier": "digit classifier on scikit-learn digits; features for Fréchet distance",
+    "digits-cond": "class-conditional rectified-flow UNet on scikit-learn digits (8x8, labels 0-9)",
 }
 """Names that :func:`load_pretrained` resolves to files in the package's ``assets/`` folder."""
 
@@ -316,3 +327,105 @@ def load_digits_classifier(
         The :class:`~bossflow.models.unet.DigitClassifier`.
     """
     return _load_builtin("digits-classifier", DigitClassifier, device, dtype)
+
+
+def load_digits_cond_field(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> DigitUNet:
+    """The shipped class-conditional rectified-flow UNet on scikit-learn digits, in eval mode.
+
+    A conditional velocity field ``v(x, t, class_labels=y)``: ``x`` of shape (B, 1, 8, 8) in
+    [-1, 1], ``t`` of shape (B,) in [0, 1] (noise at 0, data at 1), ``y`` (B,) int64 digits 0-9,
+    or 10 (the null label) for the unconditional field. Guide it with
+    ``bossflow.field.Guided(field, scale, uncond=null_class_cond(10))``; the default scale is in
+    :func:`guidance_defaults`.
+
+    Args:
+        device: where to put it (default CPU).
+        dtype: parameter dtype (default float32).
+
+    Returns:
+        The :class:`~bossflow.models.unet.DigitUNet` (``num_classes = 10``).
+    """
+    return _load_builtin("digits-cond", DigitUNet, device, dtype)
+
+
+def class_labels_cond(
+    samples: int | range | Sequence[int] | Tensor, num_classes: int
+) -> dict[str, Tensor]:
+    """Per-sample class labels, fixed by the sample's index: label ``m % num_classes`` for sample m.
+
+    Every stage of a run then gives its noise ``m`` the same label however it is batched or
+    resumed, and any ``num_classes`` consecutive samples cover every class once. Usable as a
+    per-sample conditioning callable: ``functools.partial(class_labels_cond,
+    num_classes=10)(range(a, b))`` is the conditioning of samples a..b-1.
+
+    Args:
+        samples: the sample indices: a count M (indices 0..M-1), a ``range``, a sequence or a 1-D
+            integer tensor of indices >= 0.
+        num_classes: number of classes (the null label ``num_classes`` is never produced).
+
+    Returns:
+        ``{"class_labels": labels}``, labels int64 of shape (M,) on the CPU.
+
+    Raises:
+        ConfigError: ``num_classes < 1`` or negative indices.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if isinstance(samples, int) and not isinstance(samples, bool):
+        samples = range(samples)
+    if isinstance(samples, range) and samples.step == 1:
+        index = torch.arange(samples.start, max(samples.start, samples.stop), dtype=torch.int64)
+    else:
+        index = torch.as_tensor(list(samples) if not isinstance(samples, Tensor) else samples)
+        index = index.to(device="cpu", dtype=torch.int64).reshape(-1)
+    if index.numel() and int(index.min()) < 0:
+        raise ConfigError(f"sample indices must be >= 0, got {int(index.min())}")
+    return {"class_labels": index % num_classes}
+
+
+def null_class_cond(num_classes: int) -> dict[str, Tensor]:
+    """The unconditional input of a class-conditional model: ``{"class_labels": tensor([C])}``.
+
+    One row, shared by every sample: what :class:`bossflow.field.Guided` takes as ``uncond``.
+
+    Args:
+        num_classes: number of classes ``C``; the null label is ``C``.
+
+    Returns:
+        ``{"class_labels": tensor([num_classes])}`` (int64, CPU; ``Guided`` moves it).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return {"class_labels": torch.tensor([num_classes], dtype=torch.int64)}
+
+
+def guidance_defaults(name_or_path: str | os.PathLike[str] = "digits-cond") -> dict[str, Any]:
+    """What a run needs to sample a saved class-conditional model with guidance.
+
+    Args:
+        name_or_path: a built-in name or a path, as for :func:`load_pretrained`.
+
+    Returns:
+        ``{"cond_key": "class_labels", "num_classes": C, "null_label": C, "guidance_scale": w}``;
+        ``w`` is the scale recorded in the provenance (``provenance["guidance"]["scale"]``), 1.0
+        (plain conditional sampling) if none was recorded.
+
+    Raises:
+        ConfigError: the model is not a class-conditional ``DigitUNet``.
+    """
+    meta = read_metadata(name_or_path)
+    num_classes = (meta.get("config") or {}).get("num_classes", 0)
+    if meta.get("class") != "DigitUNet" or not num_classes:
+        raise ConfigError(
+            f"{os.fspath(name_or_path)!r} is not a class-conditional DigitUNet (its config has no "
+            "num_classes); train one with `bossflow train-base --conditional`"
+        )
+    guidance = (meta.get("provenance") or {}).get("guidance") or {}
+    return {
+        "cond_key": "class_labels",
+        "num_classes": int(num_classes),
+        "null_label": int(num_classes),
+        "guidance_scale": float(guidance.get("scale", 1.0)),
+    }

@@ -2,8 +2,9 @@
 
 A spec is one of
 
-- a built-in name: ``digits`` (the shipped small UNet on scikit-learn digits), ``spiral`` (an
-  analytic curved field, for trying things without a network);
+- a built-in name: ``digits`` (the shipped small UNet on scikit-learn digits), ``digits-cond``
+  (its class-conditional sibling, for classifier-free guidance), ``spiral`` (an analytic curved
+  field, for trying things without a network);
 - ``rectified-flow:CONFIG`` with ``--checkpoint``: an official Rectified Flow checkpoint, where
   CONFIG is ``cifar10``, ``celeba_hq``, ``church``, ``bedroom``, ``afhq_cat`` or a JSON config file;
 - ``package.module:callable``: a callable returning an ``nn.Module`` (optionally given
@@ -137,6 +138,32 @@ def _load_digits(checkpoint: str | None, **_: Any) -> LoadedModel:
     )
 
 
+def _load_digits_cond(checkpoint: str | None, **_: Any) -> LoadedModel:
+    """The class-conditional digits UNet; ``info`` says how to condition and guide it.
+
+    ``field(x, t, class_labels=y)`` needs labels (a :class:`~bossflow.errors.ConfigError` says so
+    otherwise). ``info`` holds ``cond_key`` (``"class_labels"``), ``num_classes`` (10),
+    ``null_label`` (10) and ``guidance_scale`` (the default recorded with the weights). With
+    :func:`bossflow.pretrained.class_labels_cond` (label ``m % num_classes`` for sample m) and
+    :func:`bossflow.pretrained.null_class_cond` a run builds
+    ``Guided(field, info["guidance_scale"], uncond=null_class_cond(info["num_classes"]))`` and
+    ``cond=functools.partial(class_labels_cond, num_classes=info["num_classes"])``.
+    """
+    from .pretrained import guidance_defaults, load_pretrained
+
+    source = checkpoint or "digits-cond"
+    info = guidance_defaults(source)  # refuses a model that is not class-conditional
+    model = load_pretrained(source)
+    return LoadedModel(
+        model,
+        (1, 8, 8),
+        "digits-cond" if checkpoint is None else f"digits-cond:{checkpoint}",
+        centered=True,
+        dataset="digits",
+        info=info,
+    )
+
+
 def _load_spiral(checkpoint: str | None, **_: Any) -> LoadedModel:
     if checkpoint is not None:
         raise ConfigError("the built-in 'spiral' field has no weights; drop --checkpoint")
@@ -145,6 +172,7 @@ def _load_spiral(checkpoint: str | None, **_: Any) -> LoadedModel:
 
 BUILTIN_MODELS: dict[str, Callable[..., LoadedModel]] = {
     "digits": _load_digits,
+    "digits-cond": _load_digits_cond,
     "spiral": _load_spiral,
 }
 

@@ -3,7 +3,9 @@
 :class:`DigitUNet` is a velocity field in the bossflow convention: ``forward(x, t)`` with
 ``x: (B, C, H, W)`` and ``t: (B,)`` in [0, 1] (noise at ``t = 0``, data at ``t = 1``) returns
 ``dx/dt`` shaped like ``x``. No time rescaling happens outside the module; the sinusoidal embedding
-below is the only place that looks at ``t``.
+below is the only place that looks at ``t``. With ``num_classes > 0`` it is class-conditional,
+``forward(x, t, class_labels=y)`` with ``y: (B,)`` int64 in ``0 .. num_classes``, where the last
+index ``num_classes`` is the null label used for classifier-free guidance.
 
 :class:`DigitClassifier` is a small convolutional net on images in [-1, 1]. Its
 :meth:`DigitClassifier.features` vector is the feature space of the Fréchet distance used for the
@@ -123,8 +125,11 @@ class DigitUNet(nn.Module):
         n + 1 x ResBlock at full resolution, fed [h, skip]
         GroupNorm, SiLU, conv_out (c -> C, zero-initialised, so v = 0 at initialisation)
 
-    Every block receives ``MLP(sinusoidal(t))``. Odd sizes work because the upsampling goes to the
-    exact size of the skip it is joined with.
+    Every block receives ``MLP(sinusoidal(t))``, plus ``E[y]`` for a class-conditional model
+    (``num_classes > 0``): ``E`` has ``num_classes + 1`` rows, the last for the null label
+    ``y = num_classes`` ("no class"), which training with label dropout teaches to be the
+    unconditional field, so ``bossflow.field.Guided`` can do classifier-free guidance. Odd sizes
+    work because the upsampling goes to the exact size of the skip it is joined with.
 
     Args:
         in_channels: image channels ``C``.
@@ -133,6 +138,8 @@ class DigitUNet(nn.Module):
         time_dim: size of the sinusoidal embedding; the MLP maps it to ``4 * base``.
         groups: maximum number of GroupNorm groups.
         dropout: dropout inside residual blocks.
+        num_classes: number of classes of a class-conditional model; 0 (the default) is the
+            unconditional model, unchanged (same parameters, same initialisation, same outputs).
     """
 
     def __init__(
@@ -143,6 +150,7 @@ class DigitUNet(nn.Module):
         time_dim: int = 64,
         groups: int = 8,
         dropout: float = 0.0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = {
@@ -153,6 +161,13 @@ class DigitUNet(nn.Module):
             "groups": groups,
             "dropout": dropout,
         }
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ConfigError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if num_classes:
+            # Only a conditional model records it, so an unconditional one's config (and JSON) is
+            # exactly what it was before conditioning existed.
+            self.config["num_classes"] = num_classes
+        self.num_classes = num_classes
         c, c2, emb_dim = base, 2 * base, 4 * base
         self.time_dim = time_dim
         self.time_mlp = nn.Sequential(
@@ -181,24 +196,75 @@ class DigitUNet(nn.Module):
         self.conv_out = nn.Conv2d(c, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # Created last, so every other layer draws the same initial weights as in an
+        # unconditional model of the same seed (and an unconditional model draws nothing more).
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Velocity ``v(x, t)``.
+    @property
+    def null_label(self) -> int | None:
+        """The label index meaning "no class" (``num_classes``); ``None`` if unconditional."""
+        return self.num_classes if self.num_classes else None
+
+    def _label_embedding(self, class_labels: Tensor | None, batch: int) -> Tensor | None:
+        """``E[class_labels]`` (B, 4 * base) after checking the labels; ``None`` if unconditional."""
+        if self.label_emb is None:
+            if class_labels is not None:
+                raise ConfigError(
+                    "this DigitUNet is unconditional (num_classes=0) and takes no class_labels; "
+                    "drop cond= (or load the class-conditional model, e.g. digits-cond)"
+                )
+            return None
+        if class_labels is None:
+            raise ConfigError(
+                f"this DigitUNet is class-conditional ({self.num_classes} classes) and needs "
+                f'labels: pass cond={{"class_labels": labels}} with labels of shape (B,), int64 '
+                f"in 0..{self.num_classes} ({self.num_classes} = the null label, unconditional)"
+            )
+        if not isinstance(class_labels, Tensor) or class_labels.shape != (batch,):
+            raise ConfigError(
+                f"class_labels must be a tensor of shape ({batch},), got "
+                f"{tuple(getattr(class_labels, 'shape', ())) or type(class_labels).__name__}"
+            )
+        if (
+            class_labels.is_floating_point()
+            or class_labels.is_complex()
+            or class_labels.dtype == torch.bool
+        ):
+            raise ConfigError(f"class_labels must be integers (int64), got {class_labels.dtype}")
+        # a CPU-GPU sync point on GPU; cheap next to a forward pass of this model
+        if batch and (int(class_labels.min()) < 0 or int(class_labels.max()) > self.num_classes):
+            raise ConfigError(
+                f"class_labels must lie in 0..{self.num_classes} ({self.num_classes} = the null "
+                f"label), got values from {int(class_labels.min())} to {int(class_labels.max())}"
+            )
+        return self.label_emb(class_labels.long())
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """Velocity ``v(x, t)`` (``v(x, t, class_labels=y)`` for a class-conditional model).
 
         Args:
             x: states, shape (B, C, H, W).
             t: times in [0, 1], shape (B,) (noise at 0, data at 1).
+            class_labels: (B,) integer labels in ``0 .. num_classes`` (``num_classes`` = the null
+                label, the unconditional field); required if and only if ``num_classes > 0``.
 
         Returns:
             Tensor shaped like ``x`` (same dtype): the predicted ``dx/dt``.
+
+        Raises:
+            ConfigError: wrong shapes; labels missing for a conditional model, given to an
+                unconditional one, not integers or out of range.
         """
         if x.ndim != 4 or t.shape != (x.shape[0],):
             raise ConfigError(
                 f"DigitUNet expects x of shape (B, C, H, W) and t of shape (B,), got "
                 f"{tuple(x.shape)} and {tuple(t.shape)}"
             )
+        labels = self._label_embedding(class_labels, x.shape[0])
         # the embedding is computed in float32 at least, then cast to the network's dtype
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
+        if labels is not None:
+            emb = emb + labels.to(emb.dtype)
 
         h = self.conv_in(x)
         skips0 = [h]

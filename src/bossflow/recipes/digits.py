@@ -14,7 +14,11 @@ seeded by ``seed``: on CPU the same call gives bitwise the same weights on the s
 thread count (GPU convolution kernels are not bitwise reproducible run to run).
 
 :func:`train_and_save` is the whole recipe behind the shipped ``digits`` and ``digits-classifier``
-models: train both, measure them on the held-out split, and save them with their provenance. It
+models: train both, measure them on the held-out split, and save them with their provenance.
+:func:`train_and_save_conditional` is the recipe of ``digits-cond``: the same training with the
+digit labels and label dropout (the null label teaches the unconditional field, for
+classifier-free guidance), a class-accuracy check of guided samples per guidance scale with the
+shipped classifier, and the chosen default scale saved in the provenance. It
 sits above the core (it uses the data, models, metrics, solvers and the training toolkit
 :mod:`bossflow.training`); nothing in the core imports it. ``bossflow.train_base`` is an alias
 kept so the provenance of the shipped weights still names an importable function.
@@ -26,7 +30,7 @@ import contextlib
 import copy
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +41,15 @@ from torch import Tensor, nn
 
 from ..data import load_dataset
 from ..errors import ConfigError
+from ..field import Guided
 from ..metrics import feature_stats, frechet_from_stats
 from ..models.unet import DigitClassifier, DigitUNet
-from ..pretrained import save_pretrained
+from ..pretrained import (
+    class_labels_cond,
+    load_digits_classifier,
+    null_class_cond,
+    save_pretrained,
+)
 from ..progress import progress_bar
 from ..schedule import uniform
 from ..solvers import sample
@@ -55,6 +65,10 @@ __all__ = [
     "classifier_accuracy",
     "sample_check",
     "train_and_save",
+    "GUIDANCE_SCALES",
+    "guidance_check",
+    "choose_guidance_scale",
+    "train_and_save_conditional",
 ]
 
 
@@ -100,6 +114,19 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def _check_labels(labels: Tensor, count: int, num_classes: int, what: str) -> None:
+    if not isinstance(labels, Tensor) or labels.shape != (count,) or labels.is_floating_point():
+        raise ConfigError(
+            f"{what} must be an integer tensor of shape ({count},), got "
+            f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}"
+        )
+    if count and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ConfigError(
+            f"{what} must lie in 0..{num_classes - 1} (num_classes={num_classes}), got values "
+            f"from {int(labels.min())} to {int(labels.max())}"
+        )
+
+
 def _flow_pair(x: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """Draw ``(x_t, t, target)`` for a batch of data ``x`` (B, ...): t ~ U[0, 1], target x - z."""
     z = torch.randn(x.shape, generator=gen).to(x)
@@ -126,6 +153,9 @@ def train_base(
     log_every: int = 50,
     device: torch.device | str | None = None,
     progress: bool = True,
+    labels: Tensor | None = None,
+    val_labels: Tensor | None = None,
+    label_dropout: float = 0.1,
 ) -> tuple[DigitUNet, TrainLog]:
     """Train a :class:`DigitUNet` velocity field on ``data`` by rectified flow.
 
@@ -133,6 +163,13 @@ def train_base(
     ``mean ||v(x_t, t) - (x - z)||^2`` (mean over batch and pixels). Adam with linear warmup and
     cosine or constant learning rate, gradient-norm clipping, EMA of the weights with decay
     ``min(ema_decay, (1 + s) / (10 + s))`` at step ``s``.
+
+    With ``labels`` the model is class-conditional (``num_classes`` from ``model_config``, default
+    ``labels.max() + 1``): the loss is ``mean ||v(x_t, t, y') - (x - z)||^2`` where ``y'`` is the
+    image's label, replaced by the null label ``num_classes`` with probability ``label_dropout``
+    (Ho & Salimans 2022, classifier-free guidance), so one network learns both the conditional and
+    the unconditional field. Without labels, training is exactly the unconditional recipe (the
+    generator draws nothing more).
 
     Args:
         data: training images, shape (N, C, H, W), values in [-1, 1].
@@ -153,6 +190,9 @@ def train_base(
         log_every: steps between training-loss records.
         device: where to train (default: ``data``'s device).
         progress: show a progress bar (on a terminal only).
+        labels: classes of ``data``, int64 of shape (N,), for a class-conditional model.
+        val_labels: classes of ``val_data`` (M,); required with ``labels`` and ``val_data``.
+        label_dropout: probability that a training label is replaced by the null label.
 
     Returns:
         ``(ema_model, log)``: the EMA weights as a :class:`DigitUNet` in eval mode, on ``device``,
@@ -164,6 +204,21 @@ def train_base(
     _check_images(data, "data")
     if val_data is not None:
         _check_images(val_data, "val_data")
+    num_classes = int((model_config or {}).get("num_classes", 0) or 0)
+    if labels is None and (num_classes or val_labels is not None):
+        raise ConfigError(
+            "a class-conditional model needs labels=: the class of every training image "
+            "(or drop num_classes / val_labels for the unconditional model)"
+        )
+    if labels is not None:
+        num_classes = num_classes or (int(labels.max()) + 1 if labels.numel() else 0)
+        _check_labels(labels, data.shape[0], num_classes, "labels")
+        if val_data is not None:
+            if val_labels is None:
+                raise ConfigError("give val_labels= (the classes of val_data) with labels=")
+            _check_labels(val_labels, val_data.shape[0], num_classes, "val_labels")
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ConfigError(f"label_dropout must lie in [0, 1], got {label_dropout}")
     if steps < 1 or batch_size < 1 or lr <= 0 or not 0.0 <= ema_decay < 1.0:
         raise ConfigError(
             f"need steps >= 1, batch_size >= 1, lr > 0 and 0 <= ema_decay < 1; got steps={steps}, "
@@ -172,6 +227,8 @@ def train_base(
     learning_rate(0, steps, lr, warmup, lr_schedule)  # validates the schedule name
     device = torch.device(device) if device is not None else data.device
     config = {**(model_config or {}), "in_channels": data.shape[1]}
+    if labels is not None:
+        config["num_classes"] = num_classes
     settings = {
         "steps": steps,
         "batch_size": batch_size,
@@ -188,6 +245,8 @@ def train_base(
         "num_images": data.shape[0],
         "image_shape": list(data.shape[1:]),
     }
+    if labels is not None:  # only then: an unconditional run records exactly what it always did
+        settings["label_dropout"] = label_dropout
 
     # The global RNG (weight init, dropout) is seeded inside and the caller's state restored.
     with _seeded_global_rng(seed, device):
@@ -205,13 +264,19 @@ def train_base(
         data = data.to(device=device, dtype=torch.float32)
         if val_data is not None:
             val_data = val_data.to(device=device, dtype=torch.float32)
+        if labels is not None:
+            labels = labels.to(device=device, dtype=torch.int64)
+            if val_labels is not None:
+                val_labels = val_labels.to(device=device, dtype=torch.int64)
         batches = epoch_batches(data.shape[0], batch_size, gen)
         log = TrainLog(settings=settings)
 
         def validate(step: int) -> None:
             if val_data is not None:
                 log.val_step.append(step)
-                log.val_loss.append(flow_validation_loss(ema, val_data, seed=seed))
+                log.val_loss.append(
+                    flow_validation_loss(ema, val_data, seed=seed, labels=val_labels)
+                )
 
         start = time.perf_counter()
         running, count = 0.0, 0
@@ -220,9 +285,16 @@ def train_base(
             current_lr = learning_rate(step, steps, lr, warmup, lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = current_lr
-            x = data[next(batches)]
+            idx = next(batches)
+            x = data[idx]
             x_t, t, target = _flow_pair(x, gen)
-            loss = F.mse_loss(model(x_t, t), target)
+            cond = {}
+            if labels is not None:
+                # label dropout: the null label teaches the same network the unconditional field
+                drop = torch.rand(idx.shape[0], generator=gen) < label_dropout
+                y = labels[idx]
+                cond["class_labels"] = torch.where(drop.to(y.device), num_classes, y)
+            loss = F.mse_loss(model(x_t, t, **cond), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:
@@ -249,11 +321,12 @@ def train_base(
 
 @torch.no_grad()
 def flow_validation_loss(
-    model: Callable[[Tensor, Tensor], Tensor],
+    model: Callable[..., Tensor],
     data: Tensor,
     seed: int = 0,
     repeats: int = 8,
     batch_size: int = 512,
+    labels: Tensor | None = None,
 ) -> float:
     """Rectified-flow loss on held-out data with fixed noise and times (comparable across models).
 
@@ -267,11 +340,15 @@ def flow_validation_loss(
         seed: seed of the noise and times.
         repeats: noise/time draws per image.
         batch_size: evaluation batch size.
+        labels: (N,) class labels of ``data`` for a class-conditional model, passed as
+            ``class_labels`` (the null label everywhere gives the unconditional loss).
 
     Returns:
         ``mean ||v(x_t, t) - (x - z)||^2`` over images, draws and pixels.
     """
     _check_images(data, "data")
+    if labels is not None and labels.shape != (data.shape[0],):
+        raise ConfigError(f"labels must have shape ({data.shape[0]},), got {tuple(labels.shape)}")
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for k in range(repeats):
@@ -280,7 +357,8 @@ def flow_validation_loss(
             z = torch.randn(x.shape, generator=gen).to(x)
             t = ((k + torch.rand(x.shape[0], generator=gen, dtype=torch.float64)) / repeats).to(x)
             tb = t.view(-1, *([1] * (x.ndim - 1)))
-            err = (model(tb * x + (1 - tb) * z, t) - (x - z)).double().pow(2)
+            cond = {} if labels is None else {"class_labels": labels[i : i + batch_size]}
+            err = (model(tb * x + (1 - tb) * z, t, **cond) - (x - z)).double().pow(2)
             total += err.sum().item()
             count += err.numel()
     return total / count
@@ -301,6 +379,7 @@ def sample_check(
     num_samples: int = 500,
     steps: int = 200,
     seed: int = 0,
+    cond: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Quality checks of a flow model's fine-Euler samples against real held-out digits.
 
@@ -324,6 +403,8 @@ def sample_check(
         num_samples: number of samples.
         steps: Euler steps of the reference solve.
         seed: seed of the noise and of the training subset.
+        cond: conditioning of the samples for a conditional ``model`` (``model(x, t, **cond)``),
+            tensors of first dimension ``num_samples`` or 1.
 
     Returns:
         JSON-serialisable dict: ``{"samples": {...}, "heldout": {...}, "train_subset": {...}}`` of
@@ -333,7 +414,7 @@ def sample_check(
     gen = torch.Generator().manual_seed(seed)
     device = train_images.device
     noise = torch.randn((num_samples, *train_images.shape[1:]), generator=gen).to(device)
-    samples = sample(model, noise, uniform(steps))
+    samples = sample(model, noise, uniform(steps), cond=cond)
     subset = train_images[torch.randperm(train_images.shape[0], generator=gen)[:num_samples]]
     heldout_stats = feature_stats(classifier.features(heldout_images))
 
@@ -613,3 +694,241 @@ def train_and_save(
         save_pretrained(clf.cpu(), directory, f"{name}-classifier", clf_prov),
     ]
     return {"flow": flow_prov, "classifier": clf_prov, "paths": [str(p) for p in paths]}
+
+
+#: Guidance scales tried by :func:`train_and_save_conditional` to choose the default.
+GUIDANCE_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
+
+
+@torch.no_grad()
+def guidance_check(
+    model: nn.Module,
+    classifier: DigitClassifier,
+    heldout_images: Tensor,
+    scales: Sequence[float] = GUIDANCE_SCALES,
+    num_samples: int = 300,
+    steps: int = 50,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Class accuracy of guided samples of a class-conditional model, per guidance scale.
+
+    Sample m gets label ``m % num_classes`` (:func:`~bossflow.pretrained.class_labels_cond`) and
+    noise row m of a generator seeded by ``seed``; the same noises and labels are integrated with
+    ``steps`` uniform Euler steps of ``Guided(model, w, uncond=null label)`` for every scale ``w``.
+    Per scale: ``accuracy`` (classifier arg-max equals the label), ``mean_confidence``,
+    ``frechet_to_heldout`` (classifier features) and ``out_of_range_fraction`` (pixels outside
+    [-1.1, 1.1]), so higher accuracy can be weighed against samples leaving the data range.
+
+    Args:
+        model: class-conditional velocity field ``model(x, t, class_labels=y)`` with a
+            ``num_classes`` attribute (null label = ``num_classes``).
+        classifier: digit classifier on images in [-1, 1].
+        heldout_images: held-out images (M, C, H, W), the reference of the Fréchet distance.
+        scales: guidance scales ``w`` (1 = the conditional field without guidance).
+        num_samples: samples per scale.
+        steps: Euler steps.
+        seed: seed of the noise.
+
+    Returns:
+        ``{"num_samples", "euler_steps", "seed", "labels", "scales": [{"scale", "accuracy", ...}]}``.
+    """
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if num_classes < 1:
+        raise ConfigError("guidance_check needs a class-conditional model (num_classes > 0)")
+    classifier = classifier.eval()
+    device = heldout_images.device
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, *heldout_images.shape[1:]), generator=gen).to(device)
+    cond = {k: v.to(device) for k, v in class_labels_cond(num_samples, num_classes).items()}
+    labels = cond["class_labels"]
+    heldout_stats = feature_stats(classifier.features(heldout_images))
+    rows = []
+    for w in scales:
+        guided = Guided(model, float(w), uncond=null_class_cond(num_classes))
+        images = sample(guided, noise, uniform(steps), cond=cond)
+        probs = classifier(images).softmax(dim=1)
+        confidence, predicted = probs.max(dim=1)
+        rows.append(
+            {
+                "scale": float(w),
+                "accuracy": round(float((predicted == labels).float().mean()), 4),
+                "mean_confidence": round(float(confidence.mean()), 4),
+                "frechet_to_heldout": round(
+                    frechet_from_stats(*feature_stats(classifier.features(images)), *heldout_stats),
+                    4,
+                ),
+                "out_of_range_fraction": round(float((images.abs() > 1.1).float().mean()), 5),
+            }
+        )
+    return {
+        "num_samples": num_samples,
+        "euler_steps": steps,
+        "seed": seed,
+        "labels": f"sample m has label m % {num_classes}",
+        "scales": rows,
+    }
+
+
+def choose_guidance_scale(rows: Sequence[dict[str, Any]], tolerance: float = 0.02) -> float:
+    """The smallest scale whose class accuracy is within ``tolerance`` of the best one.
+
+    Larger scales push samples further from the data (less diversity, pixels out of range), so the
+    default is the least guidance that gets (almost) all the class accuracy guidance can give.
+
+    Args:
+        rows: the ``"scales"`` of :func:`guidance_check` (each with ``scale`` and ``accuracy``).
+        tolerance: accepted accuracy shortfall from the best scale.
+
+    Returns:
+        The chosen scale.
+    """
+    if not rows:
+        raise ConfigError("no guidance scales to choose from")
+    best = max(r["accuracy"] for r in rows)
+    return min(r["scale"] for r in rows if r["accuracy"] >= best - tolerance)
+
+
+def train_and_save_conditional(
+    directory: str | Path,
+    dataset: str = "digits",
+    name: str | None = None,
+    seed: int = 0,
+    *,
+    flow: dict[str, Any] | None = None,
+    classifier: DigitClassifier | None = None,
+    scales: Sequence[float] = GUIDANCE_SCALES,
+    guidance_samples: int = 300,
+    guidance_steps: int = 50,
+    check_samples: int = 500,
+    check_steps: int = 100,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the class-conditional flow UNet, choose its guidance scale, and save it.
+
+    The recipe of the shipped ``digits-cond``: :func:`train_base` with the training labels
+    (``num_classes`` = 10 for digits, label dropout 0.1 unless ``flow`` says otherwise), then
+    :func:`guidance_check` of the EMA model with ``classifier`` over ``scales``,
+    :func:`choose_guidance_scale`, and :func:`sample_check` of the guided model at that scale.
+    Writes ``<name>.safetensors/.json``; the provenance records the settings, wall times, the
+    held-out loss with the true labels and with the null label (unconditional), the accuracy table
+    and the chosen scale under ``"guidance"``.
+
+    Args:
+        directory: output folder.
+        dataset: a key of :data:`bossflow.data.DATASETS`.
+        name: file stem (default: ``"<dataset>-cond"``).
+        seed: seed of the training and of the checks.
+        flow: extra keyword arguments of :func:`train_base` (``steps``, ``label_dropout``, ...).
+        classifier: digit classifier of the checks; default: the shipped ``digits-classifier``
+            (digits only).
+        scales: guidance scales to compare.
+        guidance_samples: samples per scale in :func:`guidance_check`.
+        guidance_steps: Euler steps of those samples.
+        check_samples: samples of :func:`sample_check` at the chosen scale.
+        check_steps: Euler steps of those samples.
+        device: where to train.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"flow": provenance, "paths": [...]}``.
+    """
+    flow = dict(flow or {})
+    name = name or f"{dataset}-cond"
+    if classifier is None:
+        if dataset != "digits":
+            raise ConfigError(
+                f"the conditional recipe checks samples with a digit classifier; only 'digits' "
+                f"ships one, so for {dataset!r} pass classifier= (train one with train_classifier)"
+            )
+        classifier = load_digits_classifier()
+    train, heldout = load_dataset(dataset, "train"), load_dataset(dataset, "heldout")
+    num_classes = int(train.labels.max()) + 1
+    flow.setdefault("model_config", {})
+    flow["model_config"] = {**flow["model_config"], "num_classes": num_classes}
+    data_desc = {
+        "dataset": dataset,
+        "train_split": f"bossflow.data.load_dataset({dataset!r}, 'train')",
+        "num_train": len(train),
+        "num_heldout": len(heldout),
+        "scaling": "[-1, 1]",
+        "labels": f"digit classes 0..{num_classes - 1}; null label {num_classes}",
+    }
+    call = (
+        f"bossflow.recipes.digits.train_and_save_conditional(directory, dataset={dataset!r}, "
+        f"name={name!r}, seed={seed}, flow={flow!r}, scales={tuple(scales)!r}, "
+        f"guidance_samples={guidance_samples}, guidance_steps={guidance_steps}, "
+        f"check_samples={check_samples}, check_steps={check_steps})"
+    )
+    model, log = train_base(
+        train.images,
+        seed=seed,
+        val_data=heldout.images,
+        labels=train.labels,
+        val_labels=heldout.labels,
+        device=device,
+        progress=progress,
+        **flow,
+    )
+    dev = next(model.parameters()).device
+    classifier = classifier.to(dev)
+    heldout_images, heldout_labels = heldout.images.to(dev), heldout.labels.to(dev)
+    null_loss = flow_validation_loss(
+        model, heldout_images, seed=seed, labels=torch.full_like(heldout_labels, num_classes)
+    )
+
+    check_start = time.perf_counter()
+    table = guidance_check(
+        model,
+        classifier,
+        heldout_images,
+        scales,
+        num_samples=guidance_samples,
+        steps=guidance_steps,
+        seed=seed,
+    )
+    scale = choose_guidance_scale(table["scales"])
+    guided = Guided(model, scale, uncond=null_class_cond(num_classes))
+    cond = {k: v.to(dev) for k, v in class_labels_cond(check_samples, num_classes).items()}
+    check = sample_check(
+        guided,
+        classifier,
+        train.images.to(dev),
+        heldout_images,
+        num_samples=check_samples,
+        steps=check_steps,
+        seed=seed,
+        cond=cond,
+    )
+    flow_prov = {
+        "call": call,
+        "function": "bossflow.recipes.digits.train_base",
+        "settings": log.settings,
+        "data": data_desc,
+        "time_convention": "noise at t=0, data at t=1; x_t = t*x + (1-t)*z; v = dx/dt",
+        "conditioning": {
+            "cond_key": "class_labels",
+            "num_classes": num_classes,
+            "null_label": num_classes,
+            "label_dropout": log.settings["label_dropout"],
+        },
+        "wall_time_s": round(log.wall_time_s, 1),
+        "final_train_loss": round(log.loss[-1], 5),
+        "heldout_loss": round(log.val_loss[-1], 5),
+        "heldout_loss_null_label": round(null_loss, 5),
+        "heldout_loss_curve": {
+            "step": log.val_step,
+            "loss": [round(v, 5) for v in log.val_loss],
+        },
+        "guidance": {
+            "scale": scale,
+            "rule": "smallest scale with class accuracy within 0.02 of the best",
+            "classifier": "digits-classifier" if dataset == "digits" else "given",
+            **table,
+        },
+        "sample_check": {"guidance_scale": scale, "labels": table["labels"], **check},
+        "sample_check_wall_time_s": round(time.perf_counter() - check_start, 1),
+        "environment": _environment(),
+    }
+    path = save_pretrained(model.cpu(), directory, name, flow_prov)
+    return {"flow": flow_prov, "paths": [str(path)]}
