@@ -169,38 +169,115 @@ class RectifiedFlowField(nn.Module):
         return (1.0 - self.eps) * _unwrap_output(self.network(x, self.time_scale * s, **cond))
 
 
+#: diffusers models whose ``forward`` multiplies the timestep by 1000 itself (the FLUX family):
+#: their pipelines pass ``timestep / 1000`` (and a distilled ``guidance``, also scaled inside).
+SIGMA_TIMESTEP_MODELS = frozenset(
+    {
+        "FluxTransformer2DModel",
+        "FluxControlNetModel",
+        "Flux2Transformer2DModel",
+        "Flux3Transformer2DModel",
+        "ChromaTransformer2DModel",
+        "LongCatImageTransformer2DModel",
+        "OvisImageTransformer2DModel",
+    }
+)
+_DETECT = "auto"
+
+
+def _diffusers_convention(model: Any) -> tuple[bool, str | None]:
+    """(takes ``sigma`` rather than ``1000 sigma``, keyword of the sample) from the model itself.
+
+    The class (and its bases) tell the FLUX family apart; the name of ``forward``'s first
+    parameter tells transformers (``hidden_states=``) from UNets (positional ``sample``).
+    """
+    import inspect
+
+    inner = getattr(model, "_orig_mod", model)  # torch.compile keeps the module here
+    names = {cls.__name__ for cls in type(inner).__mro__}
+    try:
+        params = list(inspect.signature(inner.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        params = []
+    first = params[0].name if params and params[0].kind != params[0].VAR_POSITIONAL else None
+    keyword = "hidden_states" if first == "hidden_states" else None
+    return bool(names & SIGMA_TIMESTEP_MODELS), keyword
+
+
 class DiffusersField(nn.Module):
-    """Adapter for diffusers flow-match models (SD3/FLUX-style schedulers, or a ``UNet2DModel``).
+    """Adapter for diffusers flow-match models: SD3- and FLUX-style transformers, ``UNet2DModel``.
 
-    diffusers uses ``sigma = 1 - t`` (noise at sigma = 1), feeds ``timestep = 1000 * sigma`` and the
-    model predicts ``noise - data``, which is ``-v`` in bossflow's convention:
+    diffusers uses ``sigma = 1 - t`` (noise at sigma = 1) and the model predicts ``noise - data``,
+    which is ``-v`` in bossflow's convention. What the model is fed as its timestep depends on the
+    model, and is found from it:
 
-        v(x, t) = -model(x, 1000 * (1 - t), **model_kwargs)
+    - SD3-style transformers (``SD3Transformer2DModel`` and other ``hidden_states=`` models) and
+      ``UNet2DModel`` (positional sample): ``timestep = 1000 sigma``, as their schedulers'
+      ``timesteps`` (``num_train_timesteps = 1000``);
+    - the FLUX family (:data:`SIGMA_TIMESTEP_MODELS`), which multiplies by 1000 inside:
+      ``timestep = (1000 sigma) / 1000``, rounded the way FLUX pipelines compute it from the
+      scheduler's timesteps, so samples match theirs to float32 rounding of the model.
+
+    So ``v(x, t) = -model(x, timestep(1 - t), **model_kwargs, **cond)``. FLUX's static
+    ``img_ids`` / ``txt_ids`` go in ``model_kwargs``; per-sample inputs (``encoder_hidden_states``,
+    ``pooled_projections``, FLUX's distilled ``guidance`` as a (B,) tensor) in ``cond``. Classifier-
+    free guidance (SD3) is :class:`Guided` around this field.
 
     Args:
         model: a diffusers model; its output may be a tensor, a tuple or an object with ``.sample``.
-        model_kwargs: extra keyword arguments passed on every call (e.g. ``encoder_hidden_states``).
-        num_train_timesteps: the scheduler's ``num_train_timesteps`` (1000).
-        sample_keyword: pass ``x`` under this keyword (transformers use ``"hidden_states"``);
-            ``None`` passes it positionally.
+        model_kwargs: extra keyword arguments passed on every call (e.g. ``img_ids``).
+        num_train_timesteps: override: feed exactly ``timestep = num_train_timesteps * sigma``
+            (e.g. 1 for a FLUX-like model the detection does not know). Default: detected.
+        sample_keyword: override: pass ``x`` under this keyword (``"hidden_states"``), or
+            positionally with ``None``. Default: detected from the model's ``forward``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         model_kwargs: dict[str, Any] | None = None,
-        num_train_timesteps: int = 1000,
-        sample_keyword: str | None = None,
+        num_train_timesteps: int | float | None = None,
+        sample_keyword: str | None = _DETECT,
     ):
         super().__init__()
+        takes_sigma, keyword = _diffusers_convention(model)
         self.network = model
         self.model_kwargs = dict(model_kwargs or {})
-        self.num_train_timesteps = num_train_timesteps
-        self.sample_keyword = sample_keyword
+        if num_train_timesteps is None:
+            # FLUX pipelines feed float32(1000 sigma) / 1000: the same rounding, so samples agree
+            self.num_train_timesteps, self.timestep_divisor = 1000, 1000 if takes_sigma else 1
+        else:
+            if not isinstance(num_train_timesteps, (int, float)) or not num_train_timesteps > 0:
+                raise ConfigError(
+                    f"num_train_timesteps must be a positive number, got {num_train_timesteps!r}; "
+                    "leave it unset to detect the model's convention"
+                )
+            if takes_sigma and num_train_timesteps != 1:
+                import warnings
+
+                warnings.warn(
+                    f"{type(model).__name__} multiplies its timestep by 1000 itself, so "
+                    f"num_train_timesteps={num_train_timesteps} feeds it {num_train_timesteps} "
+                    "times what its pipeline does; leave num_train_timesteps unset",
+                    stacklevel=2,
+                )
+            self.num_train_timesteps, self.timestep_divisor = num_train_timesteps, 1
+        self.sample_keyword = keyword if sample_keyword == _DETECT else sample_keyword
+
+    def extra_repr(self) -> str:
+        scale = f"{self.num_train_timesteps} * sigma"
+        if self.timestep_divisor != 1:
+            scale = f"({scale}) / {self.timestep_divisor}"
+        return f"timestep={scale}, sample_keyword={self.sample_keyword!r}"
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The timestep the model is fed at bossflow times ``t`` (B,): from ``sigma = 1 - t``."""
+        timestep = self.num_train_timesteps * (1.0 - t)
+        return timestep / self.timestep_divisor if self.timestep_divisor != 1 else timestep
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
-        timestep = self.num_train_timesteps * (1.0 - t)
+        timestep = self.timestep(t)
         kwargs = {**self.model_kwargs, **cond}
         if self.sample_keyword is None:
             out = self.network(x, timestep, **kwargs)

@@ -147,9 +147,29 @@ class Sampler:
             )
         return self.schedule
 
-    def to_diffusers_sigmas(self) -> list[float]:
-        """diffusers ``sigmas`` of a plain Euler sampler (see :meth:`Schedule.to_diffusers_sigmas`)."""
-        return self._plain("a diffusers FlowMatchEulerDiscreteScheduler").to_diffusers_sigmas()
+    def to_diffusers_sigmas(self, scheduler: Any = None) -> list[float]:
+        """diffusers ``sigmas`` of a plain Euler sampler (see :meth:`Schedule.to_diffusers_sigmas`).
+
+        Only for a scheduler that keeps the sigmas it is given (``shift=1``, no dynamic
+        shifting); a stock SD3 or FLUX pipeline re-shifts them. For those, and for any solver or
+        scales, use ``pipe.scheduler = bossflow.diffusers.scheduler_for(sampler, pipe.scheduler)``.
+
+        Args:
+            scheduler: optional: the diffusers scheduler the sigmas are meant for, checked.
+
+        Raises:
+            ConfigError: not plain Euler, or ``scheduler`` would re-shift or replace the sigmas.
+        """
+        if not self.is_plain_euler:
+            raise ConfigError(
+                f"this sampler uses the {self.solver} solver"
+                + (" with per-step scales" if self.scales is not None else "")
+                + ", which plain diffusers sigmas cannot express; in a diffusers pipeline set "
+                "pipe.scheduler = bossflow.diffusers.scheduler_for(sampler, pipe.scheduler) "
+                "(it takes the sampler's steps, solver and scales), or sample it with "
+                "bossflow.sample(field, noise, sampler)"
+            )
+        return self.schedule.to_diffusers_sigmas(scheduler)
 
     def to_time_grid(self, like: Any = None):
         """flow_matching ``time_grid`` of a plain Euler sampler (see :meth:`Schedule.to_time_grid`)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ScheduleError
+from .errors import ConfigError, ScheduleError
 
 __all__ = [
     "Schedule",
@@ -89,6 +89,44 @@ def _validated_times(times: Any) -> np.ndarray:
     return arr
 
 
+def check_sigmas_kept(scheduler: Any, steps: int) -> None:
+    """Refuse a diffusers scheduler that would not take ``sigmas`` as given (re-shift, replace).
+
+    Raises:
+        ConfigError: naming what the scheduler would do and ``scheduler_for``, which takes
+            exactly bossflow's steps whatever the scheduler's config.
+    """
+    config = getattr(scheduler, "config", None) or {}
+    get = config.get if hasattr(config, "get") else lambda key, default=None: default
+    name = type(scheduler).__name__
+    if getattr(scheduler, "bossflow_sampler", None) is not None:
+        raise ConfigError(
+            f"{name} from bossflow.diffusers.scheduler_for already takes bossflow's steps and "
+            f"ignores sigmas; call the pipeline with num_inference_steps={steps} and no sigmas="
+        )
+    shift = getattr(scheduler, "shift", None)
+    shift = get("shift", 1.0) if not isinstance(shift, (int, float)) else shift
+    reasons = []
+    if get("use_dynamic_shifting", False):
+        reasons.append("use_dynamic_shifting: every pipeline call shifts them by its mu")
+    if shift is not None and float(shift) != 1.0:
+        reasons.append(f"shift={float(shift):g}")
+    if get("use_flow_sigmas", False) and float(get("flow_shift", 1.0) or 1.0) != 1.0:
+        reasons.append(f"flow_shift={get('flow_shift'):g}")
+    if get("shift_terminal", None):
+        reasons.append(f"shift_terminal={get('shift_terminal'):g}")
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+        if get(key, False):
+            reasons.append(f"{key}=True")
+    if reasons:
+        raise ConfigError(
+            f"{name} would not take these sigmas as they are ({'; '.join(reasons)}), so the "
+            "pipeline would take other steps than the schedule's. Use pipe.scheduler = "
+            "bossflow.diffusers.scheduler_for(schedule, pipe.scheduler) and call the pipeline "
+            f"with num_inference_steps={steps} and no sigmas="
+        )
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A time grid ``0 = t_0 < t_1 < ... < t_K = 1`` (float64) with its provenance.
@@ -159,11 +197,23 @@ class Schedule:
             return torch.tensor(self.times, dtype=torch.float32)
         return torch.tensor(np.array(self.times), dtype=like.dtype, device=like.device)
 
-    def to_diffusers_sigmas(self) -> list[float]:
+    def to_diffusers_sigmas(self, scheduler: Any = None) -> list[float]:
         """diffusers ``sigmas`` (``1 - t``), decreasing from 1, without the final 0 diffusers appends.
 
-        Use with ``FlowMatchEulerDiscreteScheduler(shift=1.0).set_timesteps(sigmas=...)``.
+        Only for a scheduler that uses the sigmas it is given as they are:
+        ``FlowMatchEulerDiscreteScheduler(shift=1.0).set_timesteps(sigmas=...)``. The stock SD3
+        (``shift=3``) and FLUX (``use_dynamic_shifting``) configs re-shift them, so
+        ``pipe(sigmas=...)`` would silently take other steps; for a stock pipeline use
+        ``pipe.scheduler = bossflow.diffusers.scheduler_for(schedule, pipe.scheduler)`` instead.
+
+        Args:
+            scheduler: optional: the diffusers scheduler the sigmas are meant for, checked.
+
+        Raises:
+            ConfigError: ``scheduler`` would re-shift or replace the sigmas.
         """
+        if scheduler is not None:
+            check_sigmas_kept(scheduler, self.steps)
         return [float(1.0 - t) for t in self.times[:-1]]
 
     @classmethod
