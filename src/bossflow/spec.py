@@ -101,9 +101,18 @@ def load_state_dict_file(path: str | Path, map_location: str | torch.device = "c
 
 
 def load_finetuned(model: LoadedModel, path: str | Path) -> LoadedModel:
-    """Load a straightened ``model.safetensors`` strictly into ``model.field`` (in place)."""
+    """Load a straightened ``model.safetensors`` strictly into ``model.field`` (in place).
+
+    The file holds the raw network's weights (``save_straightened`` drops the field adapter's
+    ``network.`` prefix); a file with the prefix (bossflow before LoRA export) loads too.
+    """
+    from .straighten.adapters import raw_network
+
     state = load_state_dict_file(path, map_location="cpu")
-    load_state_dict_strict(model.field, state, str(path))
+    network, prefix = raw_network(model.field)
+    if prefix and all(k.startswith(prefix) for k in state):
+        network = model.field  # an older file, keyed like the field
+    load_state_dict_strict(network, state, str(path))
     model.model_id += f"+{Path(path).name}"
     return model
 

@@ -59,6 +59,15 @@ from ..training import (
     random_rows,
     save_state,
 )
+from .adapters import (
+    LoraAdapter,
+    is_diffusers_model,
+    lora_adapter,
+    lora_target_names,
+    network_state,
+    raw_network,
+    save_diffusers_model,
+)
 from .pairs import PairStore, module_fingerprint
 
 __all__ = [
@@ -85,6 +94,7 @@ _TRAJECTORY_FIELDS = (
     "weight_decay",
     "lora_rank",
     "lora_alpha",
+    "lora_targets",
     "seed",
     "objective",
     "holdout",
@@ -106,10 +116,16 @@ class StraightenConfig:
         ema_decay: EMA decay of the trainable weights (0 disables the EMA). Early on the decay is
             ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs average too.
         weight_decay: AdamW's decoupled weight decay (0: plain Adam).
-        lora_rank: 0 fine-tunes every weight; r > 0 trains rank-r LoRA adapters (peft) on every
-            ``nn.Linear`` and ``nn.Conv2d`` and merges them into a plain module at the end. The
-            usual LoRA setting is 4.
+        lora_rank: 0 fine-tunes every weight; r > 0 trains rank-r LoRA adapters (peft) on the
+            ``lora_targets`` layers, returned both merged into a plain module and as adapters
+            (:attr:`StraightenResult.lora`). The usual LoRA setting is 4.
         lora_alpha: LoRA scaling numerator (the update is ``alpha / r * B A``); ``None`` = rank.
+        lora_targets: names or name suffixes of the network's ``nn.Linear`` / ``nn.Conv2d``
+            layers that get adapters (e.g. ``("to_q", "to_k", "to_v", "to_out.0")``), without
+            the field adapter's ``network.`` prefix. ``None``: the attention, projection and
+            feed-forward linears of a diffusers network
+            (:data:`~bossflow.straighten.adapters.DIFFUSERS_LORA_TARGETS`), every Linear and
+            Conv2d of any other.
         seed: seeds the generator behind every random draw (pairs, intervals, times).
         eval_every: record the training loss and held-out error every this many iterations (and
             at the start and the end); 0 records only at the start and the end.
@@ -134,6 +150,7 @@ class StraightenConfig:
     weight_decay: float = 0.0
     lora_rank: int = 0
     lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
     seed: int = 0
     eval_every: int = 100
     checkpoint_every: int = 500
@@ -153,6 +170,16 @@ class StraightenConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if self.lora_targets is not None:
+            targets = self.lora_targets
+            if isinstance(targets, str) or not all(isinstance(s, str) and s for s in targets):
+                raise ConfigError(
+                    f"lora_targets must be a list of layer names, e.g. ['to_q', 'to_v'], got "
+                    f"{targets!r}"
+                )
+            if not targets:
+                raise ConfigError("lora_targets is empty; pass None for the default layers")
+            self.lora_targets = tuple(targets)  # a list and a tuple are the same run (resume)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         for name, value, allowed in (
@@ -185,6 +212,8 @@ class StraightenResult:
         schedule: the schedule trained for.
         heldout_indices: the store's sample indices held out of training.
         trainable_parameters: number of parameters trained (adapters only with LoRA).
+        lora: with LoRA, the adapters of :attr:`module` before they were merged (the same
+            returned weights), keyed by the raw network's layer names; ``None`` otherwise.
     """
 
     module: nn.Module
@@ -196,6 +225,7 @@ class StraightenResult:
     schedule: Schedule
     heldout_indices: list[int] = field(default_factory=list)
     trainable_parameters: int = 0
+    lora: LoraAdapter | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,12 +314,19 @@ def _learning_rate(it: int, config: StraightenConfig) -> float:
 
 
 def _add_lora(
-    module: nn.Module, rank: int, alpha: float | None, generator: torch.Generator
+    module: nn.Module,
+    rank: int,
+    alpha: float | None,
+    generator: torch.Generator,
+    targets: Sequence[str] | None = None,
 ) -> tuple[nn.Module, list[Tensor]]:
-    """Wrap ``module`` with rank-``rank`` LoRA adapters on every Linear and Conv2d layer.
+    """Wrap ``module`` with rank-``rank`` LoRA adapters on the ``targets`` layers.
 
-    Targets are found by layer type and passed to peft as one exact regular expression (peft
-    matches a list of names by suffix, which could catch other layers). peft initialises ``A``
+    Targets are resolved to exact layer names by
+    :func:`~bossflow.straighten.adapters.lora_target_names` (default: every Linear and Conv2d, or
+    the attention, projection and feed-forward linears of a diffusers network) and passed to peft
+    as one exact regular expression (peft matches a list of names by suffix, which could catch
+    other layers). peft initialises ``A``
     from the global RNG; it is drawn again here from ``generator`` (same distribution: Kaiming
     uniform, ``B = 0`` so the wrapped model starts equal to the base), so a run is reproducible.
 
@@ -303,12 +340,7 @@ def _add_lora(
     from peft.tuners.lora import LoraModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    names = [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
-    if not names:
-        raise ConfigError(
-            f"{type(module).__name__} has no nn.Linear or nn.Conv2d layer to put LoRA adapters "
-            "on; use lora_rank=0 (full fine-tuning)"
-        )
+    names = lora_target_names(module, targets)
     lora_config = peft.LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -587,7 +619,9 @@ def straighten(
     device, dtype = _device_of(model), _dtype_of(model)
     generator = torch.Generator().manual_seed(config.seed)
     if config.lora_rank > 0:
-        model, params = _add_lora(model, config.lora_rank, config.lora_alpha, generator)
+        model, params = _add_lora(
+            model, config.lora_rank, config.lora_alpha, generator, config.lora_targets
+        )
     else:
         model.requires_grad_(True)
         params = list(model.parameters())
@@ -706,7 +740,9 @@ def straighten(
                 p.copy_(value)
     elif run.ema is not None:
         run.ema.copy_to()
+    lora = None
     if config.lora_rank > 0:
+        lora = lora_adapter(model, config.lora_rank, config.lora_alpha)  # before merging
         model = model.merge_and_unload()  # plain layers, adapters folded into the weights
     model.requires_grad_(True).eval()
     return StraightenResult(
@@ -719,17 +755,29 @@ def straighten(
         schedule=schedule,
         heldout_indices=[int(i) for i in heldout_idx],
         trainable_parameters=sum(p.numel() for p in params),
+        lora=lora,
     )
 
 
 def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path:
-    """Save the fine-tuned module as safetensors plus a JSON provenance file, both atomically.
+    """Save the fine-tuned network (and LoRA adapters) plus a JSON provenance file, atomically.
 
-    Writes ``path`` (``.safetensors``: the plain module's ``state_dict()``, loadable with
-    ``load_state_dict(..., strict=True)`` into the base architecture) and ``path`` with suffix
-    ``.json``: ``{"format", "objective", "schedule", "config", "iterations", "best_iteration",
-    "history", "wall_s", "heldout_indices", "trainable_parameters"}``. The JSON is written second,
-    so it never describes weights that are not there.
+    Writes, for ``path`` = ``<dir>/<stem>.safetensors``:
+
+    - ``path``: the *raw network's* ``state_dict()`` (LoRA merged), without the field adapter's
+      ``network.`` prefix (:func:`~bossflow.straighten.adapters.raw_network`), so it loads with
+      ``load_state_dict(..., strict=True)`` into the bare network (e.g. a diffusers
+      ``UNet2DModel``), and through ``--finetuned``;
+    - ``<dir>/<stem>-diffusers/`` for a diffusers ``ModelMixin``: its own ``save_pretrained``
+      layout (``ModelClass.from_pretrained(folder)``);
+    - ``<dir>/<stem>-lora/`` after a LoRA run: the adapters alone
+      (:meth:`~bossflow.straighten.adapters.LoraAdapter.save`: peft's ``adapter_config.json`` +
+      ``adapter_model.safetensors``, and diffusers' ``pytorch_lora_weights.safetensors`` for
+      networks that load LoRA);
+    - ``path`` with suffix ``.json``, last, so it never describes weights that are not there:
+      ``{"format", "objective", "schedule", "config", "iterations", "best_iteration", "history",
+      "wall_s", "heldout_indices", "trainable_parameters", "network_prefix", "network_class",
+      "diffusers_folder", "lora"}`` (``lora``: folder, rank, alpha and target modules, or null).
 
     Returns:
         The path of the ``.safetensors`` file.
@@ -739,10 +787,14 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
-    # clone: safetensors refuses tensors that share memory (tied weights)
-    state = {
-        k: v.detach().cpu().contiguous().clone() for k, v in result.module.state_dict().items()
-    }
+    network, prefix = raw_network(result.module)
+    state = network_state(network)
+    diffusers_folder = lora_folder = None
+    if is_diffusers_model(network):
+        diffusers_folder = save_diffusers_model(network, path.with_name(f"{path.stem}-diffusers"))
+    if result.lora is not None:
+        lora_folder = result.lora.save(path.with_name(f"{path.stem}-lora"))
+    cls = type(network)
     provenance = {
         "format": "bossflow.straightened/1",
         "objective": result.config.objective,
@@ -754,6 +806,17 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
         "wall_s": result.wall_s,
         "heldout_indices": result.heldout_indices,
         "trainable_parameters": result.trainable_parameters,
+        "network_prefix": prefix,
+        "network_class": f"{cls.__module__}.{cls.__qualname__}",
+        "diffusers_folder": diffusers_folder.name if diffusers_folder else None,
+        "lora": None
+        if result.lora is None
+        else {
+            "folder": lora_folder.name,
+            "rank": result.lora.rank,
+            "alpha": result.lora.alpha,
+            "target_modules": result.lora.target_modules,
+        },
     }
     blob = st_save(state, metadata={"format": provenance["format"]})
     atomic_write_bytes(path, blob)

@@ -1,0 +1,250 @@
+"""LoRA straightening exports that peft and diffusers load; merged weights without prefixes.
+
+Tiny random-weight diffusers models (no downloads). A LoRA run's adapter, saved by
+``save_straightened``, must reproduce the straightened network through
+``PeftModel.from_pretrained``, ``load_lora_adapter`` and a pipeline's ``load_lora_weights``; the
+merged file must load strictly into the bare network.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from bossflow.errors import ConfigError
+from bossflow.field import DiffusersField, RectifiedFlowField
+from bossflow.noise import NoiseSource
+from bossflow.schedule import uniform
+from bossflow.spec import LoadedModel, load_finetuned
+from bossflow.straighten import StraightenConfig, make_pairs, save_straightened, straighten
+from bossflow.straighten.adapters import lora_target_names, raw_network
+
+from . import TinyConvField
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions: one thread is ~50x faster than two that wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+B = 4  # every batch (pairs, training, held-out) has B rows: the static conditioning has B rows
+
+
+def tiny_unet() -> torch.nn.Module:
+    """A class-conditional UNet2DModel (labels 0..2 as ``class_labels``), 45k weights."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+        num_class_embeds=3,
+    ).eval()  # fmt: skip
+
+
+def tiny_sd3() -> torch.nn.Module:
+    """A one-block SD3Transformer2DModel on 4x8x8 latents, 12k weights."""
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+        pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
+    ).eval()  # fmt: skip
+
+
+def lora_run(field, shape, root, out_dir=None, **overrides):
+    """A short BOSS LoRA straightening of ``field`` on 3 B pairs (the last B held out)."""
+    schedule = uniform(2)
+    pairs = make_pairs(
+        field, NoiseSource(shape, seed=0), schedule, root / "pairs", fine_grid=4, samples=3 * B,
+        batch_size=B,
+    )  # fmt: skip
+    settings = dict(
+        iterations=6, batch_size=B, lr=1e-2, warmup=1, ema_decay=0.9, eval_every=3, holdout=B,
+        eval_batch_size=B, lora_rank=2,
+    )  # fmt: skip
+    config = StraightenConfig(**{**settings, **overrides})
+    return straighten(field, pairs, schedule, config, out_dir, progress=False)
+
+
+def check_merged_is_base_plus_adapter(result, base):
+    """The merged weights are the base weights plus (alpha / r) B A of the adapter returned."""
+    merged = dict(raw_network(result.module)[0].named_modules())
+    original = dict(base.named_modules())
+    scale = result.lora.alpha / result.lora.rank
+    for name in result.lora.target_modules:
+        a = result.lora.state[f"{name}.lora_A.weight"]
+        b = result.lora.state[f"{name}.lora_B.weight"]
+        want = original[name].weight + scale * (b @ a)
+        torch.testing.assert_close(merged[name].weight, want, rtol=0, atol=1e-6)
+
+
+def check_loaded_adapter(module, result):
+    """The LoRA tensors peft / diffusers put into ``module`` are the run's, bit for bit."""
+    # e.g. base_model.model.<layer>.lora_A.default.weight (peft), <layer>.lora_A.default_0.weight
+    got = {
+        re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", n): p
+        for n, p in module.named_parameters()
+        if ".lora_" in n
+    }
+    assert len(got) == len(result.lora.state)
+    for key, value in result.lora.state.items():
+        (match,) = [v for n, v in got.items() if n.endswith("." + key) or n == key]
+        assert torch.equal(match, value), key
+
+
+def test_conditional_unet_lora_loads_through_peft_and_merged_strictly(tmp_path):
+    label = torch.tensor([2])  # one label, broadcast over every row by the class embedding
+    base = tiny_unet()
+    field = DiffusersField(base, model_kwargs={"class_labels": label})
+    result = lora_run(field, (1, 8, 8), tmp_path)
+
+    # default targets on a diffusers UNet: the attention projections only
+    assert result.lora.target_modules[:4] == [
+        f"down_blocks.1.attentions.0.{s}" for s in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    assert len(result.lora.target_modules) == 16  # 4 attention blocks x (q, k, v, out)
+    assert result.trainable_parameters == sum(v.numel() for v in result.lora.state.values())
+    assert result.lora.component is None  # UNet2DModel has no diffusers LoRA loader
+    check_merged_is_base_plus_adapter(result, base)
+
+    path = save_straightened(result, tmp_path / "out" / "model.safetensors")
+    lora_dir, diffusers_dir = tmp_path / "out" / "model-lora", tmp_path / "out" / "model-diffusers"
+    assert sorted(p.name for p in lora_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    provenance = json.loads(path.with_suffix(".json").read_text())
+    assert provenance["network_prefix"] == "network."
+    assert provenance["network_class"] == "diffusers.models.unets.unet_2d.UNet2DModel"
+    assert provenance["lora"]["folder"] == "model-lora" and provenance["lora"]["rank"] == 2
+    assert provenance["diffusers_folder"] == "model-diffusers"
+
+    x = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    timestep = torch.tensor([999.0, 700.0, 300.0, 10.0])
+    labels = torch.tensor([0, 1, 2, 2])
+    with torch.no_grad():
+        want = result.module.network(x, timestep, class_labels=labels).sample
+        before = tiny_unet()(x, timestep, class_labels=labels).sample
+        assert (want - before).abs().max() > 1e-3  # it trained
+        # merged: the bare network's own keys, strict
+        bare = tiny_unet()
+        bare.load_state_dict(load_file(path), strict=True)
+        assert torch.equal(bare(x, timestep, class_labels=labels).sample, want)
+        reloaded = diffusers.UNet2DModel.from_pretrained(diffusers_dir)
+        assert torch.equal(reloaded(x, timestep, class_labels=labels).sample, want)
+        # the adapter through peft, on a fresh base network
+        adapted = peft.PeftModel.from_pretrained(tiny_unet(), lora_dir)
+        check_loaded_adapter(adapted, result)
+        got = adapted(x, timestep, class_labels=labels).sample
+    # unmerged vs merged LoRA: float32 rounding only (measured 4.8e-7 at outputs of size 1.3)
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
+
+
+def test_sd3_lora_loads_through_peft_diffusers_and_a_pipeline(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    cond = {"encoder_hidden_states": torch.randn(B, 3, 16, generator=gen)}
+    cond["pooled_projections"] = torch.randn(B, 8, generator=gen)
+    base = tiny_sd3()
+    field = DiffusersField(base, model_kwargs=cond, sample_keyword="hidden_states")
+    result = lora_run(field, (4, 8, 8), tmp_path)
+
+    names = {n.removeprefix("transformer_blocks.0.") for n in result.lora.target_modules}
+    attention = {f"attn.{s}" for s in ("to_q", "to_k", "to_v", "to_out.0")}
+    attention |= {f"attn.add_{s}_proj" for s in "qkv"}
+    assert names == attention | {"ff.net.0.proj", "ff.net.2", "proj_out"}
+    assert result.lora.component == "transformer"
+    check_merged_is_base_plus_adapter(result, base)
+
+    path = save_straightened(result, tmp_path / "out" / "model")
+    assert path.name == "model.safetensors"
+    lora_dir = tmp_path / "out" / "model-lora"
+    weights = lora_dir / "pytorch_lora_weights.safetensors"
+    with safe_open(weights, "pt") as f:  # the layout of a pipeline's save_lora_weights
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not a mapping)
+        assert len(keys) == len(result.lora.state) and all(
+            k.startswith("transformer.") for k in keys
+        )
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 2 and metadata["transformer.lora_alpha"] == 2.0
+
+    x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    call = dict(cond, timestep=torch.tensor([999.0, 700.0, 300.0, 10.0]))
+    with torch.no_grad():
+        want = result.module.network(hidden_states=x, **call).sample
+        assert (want - tiny_sd3()(hidden_states=x, **call).sample).abs().max() > 1e-3
+        bare = tiny_sd3()
+        bare.load_state_dict(load_file(path), strict=True)
+        assert torch.equal(bare(hidden_states=x, **call).sample, want)
+
+        by_peft = peft.PeftModel.from_pretrained(tiny_sd3(), lora_dir)
+        by_model = tiny_sd3()
+        by_model.load_lora_adapter(lora_dir, use_safetensors=True)  # prefix "transformer"
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=tiny_sd3(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+            text_encoder_3=None, tokenizer_3=None,
+        )  # fmt: skip
+        pipe.load_lora_weights(lora_dir)
+        for loaded in (by_peft, by_model, pipe.transformer):
+            check_loaded_adapter(loaded, result)
+            got = loaded(hidden_states=x, **call).sample
+            # measured: 4.8e-7 at outputs of size 2.0 (unmerged vs merged float32 rounding)
+            assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
+
+
+def test_lora_targets_choose_layers_and_bad_ones_are_refused(tmp_path):
+    field = TinyConvField(hidden=8)
+    assert lora_target_names(field) == ["time", "conv_in", "conv_mid", "conv_out"]  # all, as before
+    result = lora_run(field, (1, 8, 8), tmp_path, lora_targets=["conv_mid", "time"])
+    assert result.lora.target_modules == ["time", "conv_mid"]
+    assert result.config.lora_targets == ("conv_mid", "time")
+    assert result.trainable_parameters == 2 * (1 + 8) + 2 * (8 * 9 + 8)
+    # the adapter is keyed by the raw network's names: no "network." of the field adapter
+    wrapped = RectifiedFlowField(TinyConvField(hidden=8))
+    assert lora_target_names(wrapped, ["conv_mid"]) == ["network.conv_mid"]
+    with pytest.raises(ConfigError, match=r"\['to_q'\] match no nn.Linear .* such as: time"):
+        lora_target_names(field, ["to_q", "conv_in"])
+    with pytest.raises(ConfigError, match="a list of layer names"):
+        StraightenConfig(lora_rank=2, lora_targets="conv_in").check()
+    with pytest.raises(ConfigError, match="lora_targets is empty"):
+        StraightenConfig(lora_rank=2, lora_targets=[]).check()
+
+
+def test_resumed_lora_run_returns_the_same_adapter(tmp_path):
+    field = TinyConvField(hidden=8)
+    config = dict(checkpoint_every=2, lora_targets=("conv_in", "conv_out"))
+    whole = lora_run(field, (1, 8, 8), tmp_path, **config)
+    out = tmp_path / "split"
+    lora_run(field, (1, 8, 8), tmp_path, out, iterations=4, **config)
+    resumed = lora_run(field, (1, 8, 8), tmp_path, out, **config)  # from iteration 4 on
+    assert resumed.iterations == 6
+    assert resumed.lora.state.keys() == whole.lora.state.keys()
+    assert all(torch.equal(resumed.lora.state[k], v) for k, v in whole.lora.state.items())
+
+
+def test_finetuned_files_load_with_and_without_the_adapter_prefix(tmp_path):
+    network = TinyConvField(hidden=8)
+    field = RectifiedFlowField(network)
+    assert raw_network(field) == (network, "network.")
+    new = {k: v + 1 for k, v in network.state_dict().items()}  # what save_straightened writes
+    save_file(new, tmp_path / "new.safetensors")
+    model = load_finetuned(LoadedModel(RectifiedFlowField(TinyConvField(hidden=8)), (1, 8, 8), "m"),
+                           tmp_path / "new.safetensors")  # fmt: skip
+    assert all(torch.equal(model.field.network.state_dict()[k], v) for k, v in new.items())
+    old = {f"network.{k}": v for k, v in new.items()}  # files of earlier bossflow versions
+    save_file(old, tmp_path / "old.safetensors")
+    model = load_finetuned(LoadedModel(RectifiedFlowField(TinyConvField(hidden=8)), (1, 8, 8), "m"),
+                           tmp_path / "old.safetensors")  # fmt: skip
+    assert all(torch.equal(model.field.network.state_dict()[k], v) for k, v in new.items())
