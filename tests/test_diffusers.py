@@ -27,6 +27,7 @@ B, TEXT_LEN = 2, 5
 BELLMAN = Schedule([0.0, 0.08, 0.3, 0.65, 1.0], method="bellman")
 LEARNED = Sampler([0.0, 0.11, 0.37, 0.72, 1.0], "ab2", [1.03, 0.96, 1.08, 0.93], method="learned")
 HEUN = Sampler([0.0, 0.25, 0.6, 1.0], "heun", [1.02, 0.97, 1.05])
+MIDPOINT = Sampler([0.0, 0.3, 1.0], "midpoint")
 
 
 def _sd3_transformer():
@@ -204,7 +205,9 @@ def test_diffusers_field_detects_sd3_flux_and_unet_timesteps(sd3, flux):
 
 # -- stock pipelines take bossflow's steps -----------------------------------------------------
 @pytest.mark.parametrize(
-    "schedule", [BELLMAN, LEARNED, HEUN], ids=["bellman", "learned-ab2", "heun"]
+    "schedule",
+    [BELLMAN, LEARNED, HEUN, MIDPOINT],
+    ids=["bellman", "learned-ab2", "heun", "midpoint"],
 )
 def test_sd3_pipeline_with_scheduler_for_matches_bossflow_sample(sd3, schedule):
     pipe, call, field, cond = sd3
