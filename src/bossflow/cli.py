@@ -35,6 +35,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _name_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names, got {text!r}")
+    return names
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -678,6 +685,7 @@ def _straighten_config(args: argparse.Namespace):
         lr=args.lr,
         warmup=args.warmup,
         lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets,
         seed=args.seed,
         objective=args.objective,
         holdout=holdout,
@@ -1028,6 +1036,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=lib.lora_rank,
         help="0: full fine-tuning; r > 0: LoRA adapters of rank r (needs peft)",
+    )
+    p.add_argument(
+        "--lora-targets",
+        type=_name_list,
+        default=None,
+        help="layers that get LoRA adapters: names or name suffixes, comma-separated (e.g. "
+        "to_q,to_k,to_v,to_out.0); default: the attention, projection and feed-forward linears "
+        "of a diffusers model, every Linear and Conv2d of any other",
     )
     p.add_argument(
         "--objective",

@@ -248,3 +248,12 @@ def test_finetuned_files_load_with_and_without_the_adapter_prefix(tmp_path):
     model = load_finetuned(LoadedModel(RectifiedFlowField(TinyConvField(hidden=8)), (1, 8, 8), "m"),
                            tmp_path / "old.safetensors")  # fmt: skip
     assert all(torch.equal(model.field.network.state_dict()[k], v) for k, v in new.items())
+
+
+def test_cli_lora_targets_reach_the_config():
+    from bossflow.cli import _straighten_config, build_parser
+
+    argv = ["straighten", "--schedule", "s.json", "--lora-rank", "2"]
+    args = build_parser().parse_args([*argv, "--lora-targets", "to_q, to_out.0,"])
+    assert _straighten_config(args).lora_targets == ("to_q", "to_out.0")
+    assert _straighten_config(build_parser().parse_args(argv)).lora_targets is None
