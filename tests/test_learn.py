@@ -7,7 +7,14 @@ from torch import nn
 
 from bossflow.errors import CheckpointError, ConfigError
 from bossflow.field import NFECounter, SpiralField
-from bossflow.learn import LearnConfig, learn_best_sampler, learn_sampler, sampler_error, steps_for
+from bossflow.learn import (
+    LearnConfig,
+    learn_best_sampler,
+    learn_sampler,
+    sampler_error,
+    significant_gain,
+    steps_for,
+)
 from bossflow.sampler import Sampler
 from bossflow.schedule import uniform
 from bossflow.solvers import sample
@@ -112,6 +119,37 @@ def test_best_solver_family_is_chosen_on_heldout_noises(spiral):
     assert best.heldout_error == min(r.heldout_error for r in all_results.values())
     with pytest.raises(ConfigError, match="none of the solvers"):
         learn_best_sampler(field, z, teacher, 3, ("heun",), cfg(iterations=2))
+
+
+def test_significant_gain_is_a_paired_test():
+    start = torch.ones(100)
+    assert significant_gain(start, start - 0.1 + 0.01 * torch.randn(100), 2.0)
+    lucky = start.clone()
+    lucky[0] = -30.0  # one noise gains a lot, 99 lose a little: the mean gains, not significantly
+    worse = start + 0.05
+    worse[0] = -30.0
+    assert float((start - worse).mean()) > 0
+    assert not significant_gain(start, worse, 2.0)
+    assert significant_gain(start, worse, 0.0)
+    assert not significant_gain(start, start + 0.1, 0.0)
+
+
+def test_a_gain_that_is_noise_keeps_the_start(spiral):
+    """Teacher endpoints drowned in per-noise scatter: what learning finds does not generalise."""
+    field, z, exact = spiral
+    scatter = 3.0 * torch.randn(
+        exact.shape, dtype=exact.dtype, generator=torch.Generator().manual_seed(2)
+    )
+    teacher = exact + scatter
+    loose = learn_sampler(field, z, teacher, 3, cfg(solver="euler", margin=0.0))
+    assert loose.best_iteration > 0 and not loose.kept_start  # the held-out pick "improved"
+    strict = learn_sampler(field, z, teacher, 3, cfg(solver="euler"))
+    assert strict.kept_start and strict.best_iteration == 0
+    np.testing.assert_allclose(strict.sampler.times, uniform(3).times, atol=1e-12)
+    np.testing.assert_allclose(strict.sampler.scales, 1.0)
+    assert strict.sampler.provenance["kept_start"] is True
+    # on the clean teacher the same settings learn for real
+    assert not learn_sampler(field, z, exact, 3, cfg(solver="ab2")).kept_start
 
 
 def test_a_custom_metric_is_what_gets_minimised(spiral):

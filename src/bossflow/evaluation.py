@@ -69,6 +69,7 @@ def evaluate_methods(
     data: Tensor | None,
     features: Callable[[Tensor], Tensor] | None,
     log: Callable[[str], None] | None = None,
+    cond: dict[str, Tensor] | None = None,
 ) -> tuple[list[EvalRecord], dict[tuple[str, int], Tensor]]:
     """Sample every entry from ``noise`` and score it against ``reference``.
 
@@ -79,6 +80,8 @@ def evaluate_methods(
         data: held-out real data for the Fréchet distance, or ``None`` to skip it.
         features: feature extractor for the Fréchet distance (``None``: raw values).
         log: called with one line per method after it is scored (e.g. ``print``).
+        cond: conditioning of the B noises for conditional fields (first dimension B or 1);
+            every method gets the same.
 
     Returns:
         ``(records, samples)``: one :class:`~bossflow.metrics.EvalRecord` per entry, and the
@@ -96,7 +99,7 @@ def evaluate_methods(
     for entry in entries:
         counter = NFECounter(entry.field)
         start = time.perf_counter()
-        x = sample(counter, noise, entry.schedule, solver=entry.solver)
+        x = sample(counter, noise, entry.schedule, solver=entry.solver, cond=cond)
         wall = time.perf_counter() - start
         if counter.nfe != entry.nfe:  # a field that calls itself, or a solver that lies
             raise BossflowError(

@@ -36,6 +36,7 @@ __all__ = [
     "call_field",
     "bind_cond",
     "check_cond",
+    "guidance_identity",
 ]
 
 
@@ -329,11 +330,11 @@ class FlowMatchingField(nn.Module):
             return self._call(x, t, cond)
         reference = self._per_time(x, t, cond)
         try:
-            batched = self._call(x, t, cond)
-            same = batched.shape == reference.shape and bool(
-                torch.allclose(
-                    batched, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max())
-                )
+            with torch.no_grad():
+                batched = self._call(x, t, cond)
+            ref = reference.detach()
+            same = batched.shape == ref.shape and bool(
+                torch.allclose(batched, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
             )
         except Exception:  # the model cannot take a (B,) time: that is the answer
             same = False
@@ -488,6 +489,22 @@ def check_cond(cond: dict[str, Tensor] | None, batch: int, where: str) -> dict[s
             f"{type(cond).__name__}"
         )
     return {k: _rows_for(v, batch, f"cond[{k!r}]", where) for k, v in cond.items()} or None
+
+
+def guidance_identity(field: Any) -> dict[str, Any] | None:
+    """What a cache must record about guidance: the scale and the unconditional inputs, or None.
+
+    Weights fingerprints do not see a :class:`Guided` wrapper's scale, so caches and pair stores
+    add this to their identity (another scale or null input is another field).
+    """
+    from .checkpoint import noise_fingerprint
+
+    if not isinstance(field, Guided):
+        return None
+    return {
+        "scale": field.scale,
+        "uncond": {k: noise_fingerprint(v[0]) for k, v in sorted(field.uncond.items())},
+    }
 
 
 def bind_cond(field: VelocityField, cond: dict[str, Tensor] | None) -> VelocityField:

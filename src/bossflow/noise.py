@@ -14,7 +14,16 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["NoiseSource", "OffsetNoise", "STAGE_OFFSETS", "NoiseLike", "noise_reader"]
+__all__ = [
+    "NoiseSource",
+    "OffsetNoise",
+    "STAGE_OFFSETS",
+    "NoiseLike",
+    "CondLike",
+    "noise_reader",
+    "cond_reader",
+    "cond_fingerprint",
+]
 
 #: Index offsets of each stage's noises in a run's :class:`NoiseSource`: the cost matrix, the
 #: straightening pairs and the evaluation never share a noise. Sample ``m`` of stage ``s`` is
@@ -23,6 +32,11 @@ STAGE_OFFSETS: dict[str, int] = {"schedule": 0, "pairs": 10_000_000, "eval": 20_
 
 #: Noise as the long jobs take it: an (M, ...) tensor, or ``noise(range(a, b)) -> (b - a, ...)``.
 NoiseLike = Tensor | Callable[[range], Tensor]
+
+#: Per-sample conditioning as the long jobs take it: a dict of (M, ...) tensors (row m goes with
+#: noise m; a (1, ...) tensor is shared by every sample), or ``cond(range(a, b)) -> dict`` of
+#: (b - a, ...) tensors.
+CondLike = dict[str, Tensor] | Callable[[range], dict[str, Tensor]]
 
 
 class NoiseSource:
@@ -124,3 +138,71 @@ def noise_reader(noise: NoiseLike, samples: int | None, what: str) -> tuple[int,
     if total < 1:
         raise ConfigError(f"{what} needs at least one noise sample, got {total}")
     return total, take
+
+
+def cond_reader(
+    cond: CondLike | None, total: int, what: str
+) -> Callable[[range], dict[str, Tensor] | None]:
+    """``take(rows)`` -> the conditioning of noises ``rows`` (``None`` without conditioning).
+
+    ``rows`` is a ``range`` (batches in order) or a list of sample indices (random training
+    batches).
+
+    Args:
+        cond: ``None``, a dict of (M, ...) or (1, ...) tensors, or a callable
+            ``cond(rows) -> dict`` given a range or a list of sample indices (e.g. labels
+            computed from the sample index).
+        total: M, the number of noises the conditioning goes with.
+        what: the caller's name, for messages.
+
+    Raises:
+        ConfigError: not a dict of tensors or a callable; a tensor whose first dimension is neither
+            M nor 1; a callable returning rows of the wrong count.
+    """
+    from .field import check_cond
+
+    if cond is None:
+        return lambda rows: None
+    if isinstance(cond, dict):
+        for name, value in cond.items():
+            if not isinstance(value, Tensor) or value.ndim == 0:
+                raise ConfigError(
+                    f"{what}: cond[{name!r}] must be a tensor with one row per noise, got "
+                    f"{type(value).__name__ if not isinstance(value, Tensor) else 'a 0-dim tensor'}"
+                )
+            if value.shape[0] not in (1, total):
+                raise ConfigError(
+                    f"{what}: cond[{name!r}] has {value.shape[0]} rows for {total} noises; give "
+                    "one row per noise (row m goes with noise m) or one row shared by all"
+                )
+
+        def take(rows: range | Sequence[int]) -> dict[str, Tensor] | None:
+            if isinstance(rows, range) and rows.step == 1:
+                index: slice | Tensor = slice(rows.start, rows.stop)
+            else:
+                index = torch.as_tensor(list(rows), dtype=torch.long)
+            out = {k: v if v.shape[0] == 1 and total != 1 else v[index] for k, v in cond.items()}
+            return check_cond(out, len(rows), what)
+
+        return take
+    if callable(cond):
+
+        def take(rows: range | Sequence[int]) -> dict[str, Tensor] | None:
+            return check_cond(cond(rows), len(rows), what)
+
+        return take
+    raise ConfigError(
+        f"{what}: cond must be a dict of (M, ...) tensors or a callable cond(range) -> dict"
+    )
+
+
+def cond_fingerprint(cond: dict[str, Tensor] | None) -> dict[str, str] | None:
+    """Fingerprints of the conditioning of sample 0 (``None`` without conditioning).
+
+    Stored with caches and pair stores, so a resumed run notices other conditioning.
+    """
+    from .checkpoint import noise_fingerprint
+
+    if not cond:
+        return None
+    return {k: noise_fingerprint(v[0]) for k, v in sorted(cond.items())}

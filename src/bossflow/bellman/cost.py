@@ -34,8 +34,8 @@ from torch import Tensor
 
 from ..checkpoint import module_fingerprint, noise_fingerprint
 from ..errors import BossflowError, CheckpointError, ConfigError, CostMatrixError
-from ..field import VelocityField
-from ..noise import NoiseLike, noise_reader
+from ..field import VelocityField, guidance_identity
+from ..noise import CondLike, NoiseLike, cond_fingerprint, cond_reader, noise_reader
 from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
 
@@ -84,13 +84,16 @@ def _metric(metric: str | Metric) -> tuple[str, Metric | None]:
         ) from None
 
 
-def fine_trajectories(field: VelocityField, noise: Tensor, grid: Schedule) -> tuple[Tensor, Tensor]:
+def fine_trajectories(
+    field: VelocityField, noise: Tensor, grid: Schedule, cond: dict[str, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Fine Euler trajectories on ``grid``.
 
     Args:
         field: velocity field.
         noise: (B, ...) states at t = 0.
         grid: fine grid with N + 1 times.
+        cond: conditioning of the B samples (``field(x, t, **cond)``), or None.
 
     Returns:
         ``(states, velocities)``: (B, N + 1, ...) states ``x_0..x_N`` and (B, N, ...) velocities
@@ -105,7 +108,7 @@ def fine_trajectories(field: VelocityField, noise: Tensor, grid: Schedule) -> tu
         vels[:, step["i"]] = step["v"]
         states[:, step["i"] + 1] = step["x_next"]
 
-    sample(field, noise, grid, callback=record)
+    sample(field, noise, grid, callback=record, cond=cond)
     return states, vels
 
 
@@ -358,6 +361,8 @@ _IDENTITY_LABELS = {
     "noise_dtype": "noise dtype",
     "sample_shape": "sample shape",
     "seed": "seed",
+    "cond_fingerprint": "conditioning of sample 0",
+    "guidance": "guidance (scale, unconditional inputs)",
 }
 
 
@@ -403,6 +408,7 @@ def cost_matrix(
     cache: str | os.PathLike | None = None,
     progress: bool = False,
     meta: dict[str, Any] | None = None,
+    cond: CondLike | None = None,
 ) -> CostMatrix:
     """Measure the one-step cost matrix of ``field`` (paper eq. 5) on fine Euler trajectories.
 
@@ -421,6 +427,10 @@ def cost_matrix(
             noise sample 0, the noise dtype, the sample shape and the seed.
         progress: show a tqdm progress bar.
         meta: facts stored with the result (model id, seed, ...).
+        cond: per-sample conditioning for a conditional field: a dict of (M, ...) tensors (row m
+            goes with noise m) or ``cond(range) -> dict``; sliced with the noise batches, so the
+            result does not depend on ``batch_size``. A guided field is a
+            :class:`~bossflow.field.Guided`.
 
     Returns:
         A :class:`CostMatrix`; ``.values`` is the (N + 1, N + 1) float64 matrix ``c``.
@@ -440,6 +450,7 @@ def cost_matrix(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
 
+    take_cond = cond_reader(cond, total, "the cost matrix")
     first = take(range(0, 1))
     identity = {
         "model_fingerprint": module_fingerprint(field),
@@ -447,6 +458,8 @@ def cost_matrix(
         "noise_dtype": str(first.dtype).removeprefix("torch."),
         "sample_shape": list(first.shape[1:]),
         "seed": (meta or {}).get("seed", getattr(noise, "seed", None)),
+        "cond_fingerprint": cond_fingerprint(take_cond(range(0, 1))),
+        "guidance": guidance_identity(field),
     }
     identity = json.loads(json.dumps(identity, default=str))  # as a cache holds it
     acc = CostMatrix.empty(fine, name, meta)
@@ -478,7 +491,7 @@ def cost_matrix(
         while acc.count < total:
             rows = range(acc.count, min(acc.count + batch_size, total))
             z = take(rows)
-            states, vels = fine_trajectories(field, z, fine)
+            states, vels = fine_trajectories(field, z, fine, take_cond(rows))
             acc.update(batch_costs(states, vels, fine.times, metric))
             if cache is not None:
                 acc.save(cache)

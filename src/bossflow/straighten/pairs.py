@@ -44,9 +44,9 @@ from torch import Tensor
 from ..checkpoint import module_fingerprint
 from ..checkpoint import noise_fingerprint as _noise_fingerprint
 from ..errors import BossflowError, CheckpointError, ConfigError
-from ..field import VelocityField
+from ..field import VelocityField, guidance_identity
 from ..io import atomic_write, atomic_write_text, ensure_dir
-from ..noise import NoiseLike, noise_reader
+from ..noise import CondLike, NoiseLike, cond_fingerprint, cond_reader, noise_reader
 from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
 
@@ -397,7 +397,13 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _integrate(field: VelocityField, z: Tensor, grid: Schedule, keep: list[int]) -> Tensor:
+def _integrate(
+    field: VelocityField,
+    z: Tensor,
+    grid: Schedule,
+    keep: list[int],
+    cond: dict[str, Tensor] | None = None,
+) -> Tensor:
     """Fine Euler trajectories from ``z`` (:func:`bossflow.solvers.sample` on ``grid``), keeping
     only the states at fine-grid indices ``keep``: the states of
     :func:`bossflow.bellman.fine_trajectories`, in memory O(B * T * D) instead of O(B * N * D).
@@ -414,7 +420,7 @@ def _integrate(field: VelocityField, z: Tensor, grid: Schedule, keep: list[int])
         if step["i"] + 1 in column:
             out[:, column[step["i"] + 1]] = step["x_next"]
 
-    sample(field, z, grid, callback=record)
+    sample(field, z, grid, callback=record, cond=cond)
     return out
 
 
@@ -429,6 +435,7 @@ def make_pairs(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     meta: dict[str, Any] | None = None,
+    cond: CondLike | None = None,
 ) -> PairStore:
     """Integrate the pretrained field's fine Euler trajectories and store the states at the
     schedules' times (the straightening pairs of paper eq. 9).
@@ -452,6 +459,10 @@ def make_pairs(
             noise's dtype).
         progress: show a tqdm bar.
         meta: JSON-serialisable facts stored in the manifest (``model`` id, ``seed``, ...).
+        cond: per-sample conditioning of a conditional field (a dict of (M, ...) tensors, row m
+            with noise m, or ``cond(range) -> dict``). The store keeps the row index (sample m is
+            row m) and a fingerprint of the conditioning; :func:`~bossflow.straighten.straighten`
+            takes the same ``cond`` and slices it with each training batch.
 
     Returns:
         The :class:`PairStore`, complete.
@@ -469,6 +480,7 @@ def make_pairs(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     total, take = noise_reader(noise, samples, "make_pairs")
+    take_cond = cond_reader(cond, total, "make_pairs")
 
     keep = sorted({i for s in scheds for i in _grid_indices(s, grid)})
     first = take(range(0, 1))
@@ -485,6 +497,8 @@ def make_pairs(
         "seed": meta.get("seed", getattr(noise, "seed", None)),
         "model_fingerprint": module_fingerprint(field),
         "noise_fingerprint": _noise_fingerprint(first[0]),
+        "cond_fingerprint": cond_fingerprint(take_cond(range(0, 1))),
+        "guidance": guidance_identity(field),
     }
     identity = json.loads(json.dumps(identity))  # what a JSON round trip gives, for comparison
 
@@ -518,7 +532,7 @@ def make_pairs(
         while manifest["count"] < total:
             start = manifest["count"]
             rows = range(start, min(start + batch_size, total))
-            states = _integrate(field, take(rows), grid, keep)
+            states = _integrate(field, take(rows), grid, keep, take_cond(rows))
             arr = states.detach().to("cpu", dtype).numpy()
             name = f"shard-{len(manifest['shards']):05d}.npy"
 

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
-from ..field import call_field, time_batch, time_dtype
+from ..field import Guided, call_field, guidance_identity, time_batch, time_dtype
 from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
+from ..noise import CondLike, cond_fingerprint, cond_reader
 from ..schedule import Schedule
 from ..training import (
     EMA,
@@ -82,6 +83,10 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "bossflow.straighten/1"
 SELECT = ("last", "best")
+#: What straightening a guided field (:class:`~bossflow.field.Guided`) trains: ``keep`` fine-tunes
+#: the network under guidance (the student is guided too, 2B rows per evaluation); ``distill``
+#: trains the bare network to give the guided velocity in one pass (B rows, no guidance after).
+GUIDANCE = ("keep", "distill")
 # Config fields that change the training trajectory; a checkpoint made with other values cannot
 # be resumed. (iterations also matters under a cosine schedule, which decays to 0 at the end.)
 _TRAJECTORY_FIELDS = (
@@ -138,6 +143,9 @@ class StraightenConfig:
             lowest held-out error (needs a holdout).
         amp: run the forward pass under bfloat16 autocast (the loss stays float32).
         eval_batch_size: noises per batch when measuring the held-out error.
+        guidance: for a guided teacher (:class:`~bossflow.field.Guided`), ``"keep"`` (the
+            straightened network is sampled with the same guidance) or ``"distill"`` (it learns
+            the guided velocity directly and is sampled without guidance, half the rows).
     """
 
     iterations: int = 1000
@@ -159,6 +167,7 @@ class StraightenConfig:
     select: str = "last"
     amp: bool = False
     eval_batch_size: int = 256
+    guidance: str = "keep"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on an impossible setting, naming the valid choices."""
@@ -186,6 +195,7 @@ class StraightenConfig:
             ("objective", self.objective, OBJECTIVES),
             ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
             ("select", self.select, SELECT),
+            ("guidance", self.guidance, GUIDANCE),
         ):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
@@ -214,6 +224,8 @@ class StraightenResult:
         trainable_parameters: number of parameters trained (adapters only with LoRA).
         lora: with LoRA, the adapters of :attr:`module` before they were merged (the same
             returned weights), keyed by the raw network's layer names; ``None`` otherwise.
+        guided: for a guided teacher whose guidance was kept, the guidance it is sampled with:
+            ``{"scale": w, "uncond": {...}}``; ``None`` otherwise (see :attr:`sampling_field`).
     """
 
     module: nn.Module
@@ -226,6 +238,14 @@ class StraightenResult:
     heldout_indices: list[int] = field(default_factory=list)
     trainable_parameters: int = 0
     lora: LoraAdapter | None = None
+    guided: dict[str, Any] | None = None
+
+    @property
+    def sampling_field(self) -> nn.Module:
+        """The velocity field to sample with: :attr:`module`, under its guidance if kept."""
+        if self.guided is None:
+            return self.module
+        return Guided(self.module, self.guided["scale"], self.guided["uncond"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +286,7 @@ def eval_interval_error(
     schedule: Schedule,
     indices: Sequence[int] | np.ndarray | Tensor,
     batch_size: int = 256,
+    cond: CondLike | None = None,
 ) -> float:
     """Mean one-step interval error of ``field`` on the given noises of a pair store.
 
@@ -283,6 +304,7 @@ def eval_interval_error(
         schedule: the schedule whose intervals are measured (its times must be in the store).
         indices: sample indices of the store (e.g. held-out noises).
         batch_size: noises per forward pass.
+        cond: the conditioning the store was made with (as given to ``make_pairs``).
 
     Returns:
         The mean error (a Python float).
@@ -293,19 +315,41 @@ def eval_interval_error(
     if idx.size == 0:
         raise ConfigError("eval_interval_error needs at least one sample index")
     device, dtype = _device_of(field), _dtype_of(field)
+    take_cond = _pairs_cond(pairs, cond)
     total = 0.0
     with torch.no_grad(), _eval_mode(field):
         for a in range(0, idx.size, batch_size):
+            c = _to_device(take_cond(idx[a : a + batch_size].tolist()), device)
             # States stay in float32 (at least); only the model's input is in the model's dtype.
             x = pairs.states[idx[a : a + batch_size], :].to(device)  # (b, T, ...)
             x = x[:, torch.as_tensor(cols, device=device)]
             x = x.to(torch.promote_types(x.dtype, torch.float32))  # (b, K + 1, ...)
             for k, h in enumerate(steps):
                 t = time_batch(float(schedule.times[k]), x[:, k])
-                v = field(x[:, k].to(dtype), t).to(x.dtype)
+                v = call_field(field, x[:, k].to(dtype), t, "the model", False, c).to(x.dtype)
                 jump = x[:, k] + float(h) * v - x[:, k + 1]
                 total += float(jump.double().pow(2).flatten(1).mean(1).sum())
     return total / (idx.size * len(steps))
+
+
+def _pairs_cond(pairs: PairStore, cond: CondLike | None) -> Callable:
+    """The reader of ``cond`` for a store's rows, checked against what the store was made with."""
+    made = pairs.manifest.get("cond_fingerprint")
+    take = cond_reader(cond, int(pairs.manifest["samples"]), "straightening")
+    given = cond_fingerprint(take(range(0, 1)))
+    if made != given:
+        if made is None:
+            why = "were made without conditioning, but cond= was given"
+        elif given is None:
+            why = "were made with conditioning: pass the same cond= as to make_pairs"
+        else:
+            why = "were made with other conditioning (sample 0 differs): pass make_pairs' cond="
+        raise ConfigError(f"the pairs in {pairs.path} {why}")
+    return take
+
+
+def _to_device(cond: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:
+    return None if cond is None else {k: v.to(device) for k, v in cond.items()}
 
 
 def _learning_rate(it: int, config: StraightenConfig) -> float:
@@ -402,6 +446,7 @@ def _check_resumable(
     schedule: Schedule,
     pairs: PairStore,
     base: str | None,
+    guidance: dict[str, Any] | None = None,
 ) -> None:
     """Raise :class:`CheckpointError` unless ``ckpt`` continues exactly this run."""
     keys = {"config", "schedule", "pairs", "base_fingerprint", "iteration", "model", "optimizer"}
@@ -421,6 +466,8 @@ def _check_resumable(
         differ.append("pair store (other times, noises, model or sample count)")
     if ckpt["base_fingerprint"] != base:
         differ.append("base model weights")
+    if ckpt.get("guidance") != guidance:
+        differ.append("guidance (scale, unconditional inputs or keep/distill)")
     if differ:
         raise CheckpointError(
             f"{path} was made by another straightening run ({'; '.join(differ)}). Pass another "
@@ -568,6 +615,7 @@ def straighten(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    cond: CondLike | None = None,
 ) -> StraightenResult:
     """Fine-tune a copy of ``field_module`` by BOSS straightening (paper eq. 9) or reflow.
 
@@ -587,9 +635,15 @@ def straighten(
             (``loss`` a 0-dim tensor; ``model`` the module being trained, with its raw weights
             and, under LoRA, the peft wrapper). Raising from it stops the run; the last checkpoint
             stays for a resume.
+        cond: the per-sample conditioning the pairs were made with (the same ``cond=`` as
+            :func:`~bossflow.straighten.make_pairs`); each training batch takes the rows of its
+            noises. A :class:`~bossflow.field.Guided` ``field_module`` is straightened under its
+            guidance (``config.guidance``: keep it, or distill it into the bare network).
 
     Returns:
-        A :class:`StraightenResult`; ``.module`` is a plain module of the input's architecture.
+        A :class:`StraightenResult`; ``.module`` is a plain module of the input's architecture
+        (of the guided network for a :class:`~bossflow.field.Guided` input); sample with
+        ``.sampling_field``.
 
     Raises:
         ConfigError: bad settings, or LoRA impossible on this module.
@@ -603,6 +657,15 @@ def straighten(
     config.check()
     if not isinstance(field_module, nn.Module):
         raise ConfigError("straighten needs an nn.Module velocity field (wrap it: bossflow.field)")
+    take_cond = _pairs_cond(pairs, cond)
+    guidance = guidance_identity(field_module)
+    if guidance is not None:
+        guidance["mode"] = config.guidance
+    teacher_guide, field_module = (
+        (field_module, field_module.field)
+        if isinstance(field_module, Guided)
+        else (None, field_module)
+    )
     objective = OBJECTIVES[config.objective]
     cols = torch.as_tensor(pairs.for_schedule(schedule))  # (K + 1,) store columns of s_0..s_K
     times = torch.tensor(np.array(schedule.times), dtype=torch.float64)
@@ -639,11 +702,16 @@ def straighten(
             "schedule": schedule.to_dict(),
             "pairs": _pairs_identity(pairs),
             "base_fingerprint": base_fingerprint,
+            "guidance": guidance,
         },
     )
+    # what the loss sees: the network under the teacher's guidance, or bare (distilled)
+    student = model
+    if teacher_guide is not None and config.guidance == "keep":
+        student = Guided(model, teacher_guide.scale, teacher_guide.uncond)
     if ckpt_path is not None and ckpt_path.exists():
         ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-        _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint)
+        _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint, guidance)
         run.restore(ckpt, ckpt_path, device)
     state = run.state
 
@@ -656,7 +724,7 @@ def straighten(
         if heldout_idx.size:
             with run.ema.applied() if run.ema is not None else nullcontext():
                 heldout = eval_interval_error(
-                    model, pairs, schedule, heldout_idx, config.eval_batch_size
+                    student, pairs, schedule, heldout_idx, config.eval_batch_size, cond
                 )
                 if state.best is None or heldout < state.best["loss"]:
                     snapshot = [p.detach().clone() for p in params]
@@ -694,9 +762,10 @@ def straighten(
                 group["lr"] = lr
             rows = random_rows(train_idx, config.batch_size, generator)
             x, t, target = objective.batch(pairs, cols, times, rows, generator, device)
+            c = _to_device(take_cond(rows.tolist()), device)
             with autocast():
                 # times at least float32; a model that raises is one error naming the call
-                pred = call_field(model, x.to(dtype), t.to(time_dtype(x)), "the model", check=False)
+                pred = call_field(student, x.to(dtype), t.to(time_dtype(x)), "the model", False, c)
             if pred.shape != target.shape:  # mse_loss would broadcast silently
                 raise ModelOutputError(
                     f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
@@ -756,6 +825,11 @@ def straighten(
         heldout_indices=[int(i) for i in heldout_idx],
         trainable_parameters=sum(p.numel() for p in params),
         lora=lora,
+        guided=(
+            {"scale": teacher_guide.scale, "uncond": teacher_guide.uncond}
+            if teacher_guide is not None and config.guidance == "keep"
+            else None
+        ),
     )
 
 
