@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import tempfile
@@ -269,6 +270,40 @@ def add_model_options(p: argparse.ArgumentParser, default: str | None = "digits"
     g.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1 ... or auto (cuda if available)"
     )
+    c = p.add_argument_group("conditioning and guidance")
+    c.add_argument(
+        "--cond",
+        metavar="FILE",
+        help="a .safetensors file of conditioning tensors by keyword (class_labels, "
+        "encoder_hidden_states, ...); noise m takes row m mod R of an R-row tensor, so 1 row is "
+        "shared and M rows are per sample (default: none; digits-cond: label m mod 10)",
+    )
+    c.add_argument(
+        "--uncond",
+        metavar="FILE",
+        help="the unconditional inputs for guidance, by the same keywords (1 row shared, or "
+        "rows per sample) (default: none; digits-cond: the null label)",
+    )
+    c.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="W",
+        help="classifier-free guidance v_u + W (v_c - v_u), one model call of 2B rows "
+        "(default: none; digits-cond: the scale recorded with its weights)",
+    )
+    c.add_argument(
+        "--sample-keyword",
+        metavar="NAME",
+        help="--convention diffusers: pass the latents as this keyword (transformers: "
+        "hidden_states; default: detected from the model)",
+    )
+    c.add_argument(
+        "--timestep-scale",
+        type=float,
+        metavar="S",
+        help="--convention diffusers: timestep = S * sigma (SD3 and UNets 1000, FLUX 1; default: "
+        "detected); --convention rectified-flow: the time input scale (default 999)",
+    )
 
 
 def _load(args: argparse.Namespace, finetuned: bool = True):
@@ -282,12 +317,36 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
         shape=args.shape,
         device=_device(args.device),
         weights=args.weights,
+        sample_keyword=args.sample_keyword,
+        timestep_scale=args.timestep_scale,
     )
     if finetuned and getattr(args, "finetuned", None):
         from .spec import load_finetuned
 
         load_finetuned(model, args.finetuned)
     return model
+
+
+def _conditioning(args: argparse.Namespace, model, guided: bool = True):
+    """The run's field and per-sample conditioning (:func:`prepare_conditioning`) from the options.
+
+    ``guided=False``: the conditioning only, without guidance (a guidance-distilled model).
+    """
+    from .conditioning import prepare_conditioning
+
+    run = prepare_conditioning(
+        model.field, model.info, args.cond, args.uncond, args.guidance_scale, _device(args.device)
+    )
+    if not guided and run.guidance_scale is not None:
+        from dataclasses import replace
+
+        run = replace(run, field=model.field, guidance_scale=None)
+    return run
+
+
+def _log_conditioning(run) -> None:
+    if run.cond is not None or run.guidance_scale is not None:
+        print(f"conditioning: {run.description}")
 
 
 def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -343,10 +402,12 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
                     f"none of --solvers {','.join(args.solvers)} can spend exactly {k} evaluations"
                 )
     model = _load(args)
+    run = _conditioning(args, model)
+    _log_conditioning(run)
     noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax}
     cost = cost_matrix(
-        model.field,
+        run.field,
         noise,
         grid=args.kmax,
         batch_size=args.batch_size,
@@ -355,6 +416,7 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
         cache=out / "cost_matrix.npz",
         progress=not args.quiet,
         meta=meta,
+        cond=run.cond,
     )
     # Bellman schedules for every budget, and for the step counts the learned samplers start from
     budgets = set(args.nfe)
@@ -375,7 +437,7 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
             print(f"{k:>4}  {_num(s.cost):>12}  {times}")
     print(f"wrote {out / 'cost_matrix.npz'} and {len(args.nfe)} schedule files in {out}")
     if learned:
-        _learn_samplers(args, out, model, noise, schedules, config)
+        _learn_samplers(args, out, model, noise, schedules, config, run)
     return 0
 
 
@@ -390,22 +452,22 @@ def _possible(solver: str, nfe: int) -> bool:
     return True
 
 
-def _learn_samplers(args, out: Path, model, noise, schedules, config) -> None:
+def _learn_samplers(args, out: Path, model, noise, schedules, config, run) -> None:
     """Learn one sampler per budget (best solver family on held-out noises) from the Bellman ones."""
     from .learn import learn_best_sampler, teacher_endpoints
 
     z = noise.take(args.samples)
     print(f"teacher: {args.teacher_steps} Heun steps from each of the {args.samples} noises")
     teacher = teacher_endpoints(
-        model.field, z, args.teacher_steps, "heun", args.batch_size, out / "teacher.pt",
-        progress=not args.quiet,
+        run.field, z, args.teacher_steps, "heun", args.batch_size, out / "teacher.pt",
+        progress=not args.quiet, cond=run.cond,
     )  # fmt: skip
     prov = {"model": model.model_id, "seed": args.seed, "teacher": f"heun {args.teacher_steps}"}
     print(f"{'NFE':>4}  {'solver':>8}  {'held-out MSE':>12}  {'Bellman start':>13}  times")
     for k in sorted(args.nfe):
         best, results = learn_best_sampler(
-            model.field, z, teacher, k, args.solvers, config, schedules, None,
-            out / "learn", not args.quiet, prov,
+            run.field, z, teacher, k, args.solvers, config, schedules, None,
+            out / "learn", not args.quiet, prov, run.cond,
         )  # fmt: skip
         for solver, r in sorted(results.items()):
             mark = "*" if r is best else " "
@@ -431,8 +493,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with _output_file(args.out) as out:
         model = _load(args)
         _require_plotting(tuple(model.sample_shape), report=False)
+        run = _conditioning(args, model, guided=_finetuned_guidance(args.finetuned) != "distill")
+        _log_conditioning(run)
         noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
-        x = sample(model.field, noise.take(args.n), schedule, solver=args.solver)
+        cond = run.rows(args.n)
+        x = sample(run.field, noise.take(args.n), schedule, solver=args.solver, cond=cond)
         written, notes = _save_samples(x, model, out, args.save_tensor, args.scale, name)
     for note in notes:
         print(f"note: {note}")
@@ -490,6 +555,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = load_finetuned(copy.deepcopy(base), args.finetuned)
     iterations = _finetuned_iterations(args.finetuned)
     schedules = _schedules_from_args(args)
+    base_run = _conditioning(args, base)
+    run = _conditioning(args, model, guided=_finetuned_guidance(args.finetuned) != "distill")
+    _log_conditioning(base_run)
     # What can be measured and drawn depends on the sample shape only: decided before computing.
     shape = tuple(model.sample_shape)
     notes = _shape_notes(shape)
@@ -507,7 +575,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"reported as '{label} (other model)'"
             )
             label = f"{label} (other model)"
-        entries.append(EvalEntry(label, model.field, s, solver=args.solver, iterations=iterations))
+        entries.append(EvalEntry(label, run.field, s, solver=args.solver, iterations=iterations))
     keys = [(e.label, e.nfe) for e in entries]
     clash = next((k for k in keys if keys.count(k) > 1), None)
     if clash is not None:  # refused here, before the reference solve, not after it
@@ -522,7 +590,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The reference is the *base* model's fine solve: a straightened model is measured against
     # the trajectories it was trained to shortcut, not against its own fine solve.
     log(f"[1/3] reference solve: {args.reference_steps} Euler steps on {args.samples} noises")
-    reference = _reference_in_chunks(base.field, noise, args.reference_steps, not args.quiet)
+    cond = base_run.rows(args.samples)
+    reference = _reference_in_chunks(
+        base_run.field, noise, args.reference_steps, not args.quiet, cond=cond
+    )
     data = features = None
     if model.dataset == "digits" and _is_image(shape):
         from .data import load_dataset
@@ -532,7 +603,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         features = load_digits_classifier(device=noise.device).features
     solvers = ", ".join(sorted({e.solver for e in entries}))
     log(f"[2/3] sampling {len(entries)} schedule(s) with {solvers}")
-    records, samples = evaluate_methods(entries, noise, reference, data, features, log=log)
+    records, samples = evaluate_methods(entries, noise, reference, data, features, log, cond)
     if not _is_image(shape):  # PSNR is an image measure
         from dataclasses import replace
 
@@ -555,6 +626,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "solvers": {n: e.solver for n, e in zip(schedules, entries)},
             "finetuned_iterations": iterations,
+            "conditioning": base_run.description,
             "warnings": warnings,
         },
         title=f"bossflow evaluate: {model.model_id}",
@@ -594,7 +666,7 @@ def _shape_notes(shape: tuple[int, ...]) -> list[str]:
     ]
 
 
-def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 64):
+def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 64, cond=None):
     """:func:`reference_solve` of ``noise`` in chunks, with a progress bar on a terminal."""
     import torch
 
@@ -606,9 +678,23 @@ def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 
         total=noise.shape[0], desc="reference", unit="noise", enabled=progress
     ) as bar:
         for start in range(0, noise.shape[0], chunk):
-            parts.append(reference_solve(field, noise[start : start + chunk], steps=steps))
+            rows = None if cond is None else {k: v[start : start + chunk] for k, v in cond.items()}
+            part = reference_solve(field, noise[start : start + chunk], steps=steps, cond=rows)
+            parts.append(part)
             bar.update(parts[-1].shape[0])
     return torch.cat(parts)
+
+
+def _finetuned_guidance(path: str | None) -> str | None:
+    """How a straightened file treats guidance (``keep`` / ``distill``), from its JSON."""
+    if not path:
+        return None
+    meta = Path(path).with_suffix(".json")
+    try:
+        config = json.loads(meta.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config.get("guidance") if isinstance(config, dict) else None
 
 
 def _finetuned_iterations(path: str | None) -> int | None:
@@ -692,6 +778,7 @@ def _straighten_config(args: argparse.Namespace):
         select=args.select,
         eval_every=max(1, args.iterations // 20),
         checkpoint_every=args.checkpoint_every,
+        guidance=args.guidance_mode,
     )
     config.check()
     return config
@@ -728,9 +815,11 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
             f"{model.model_id} has no weights to fine-tune; straighten needs a network (the "
             "built-in spiral is an analytic field: use it with schedule, sample and evaluate)"
         )
+    run = _conditioning(args, model)
+    _log_conditioning(run)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
-        model.field,
+        run.field,
         OffsetNoise(source, STAGE_OFFSETS["pairs"]),
         [schedule],
         out / "pairs",
@@ -739,8 +828,11 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
         batch_size=args.batch,
         progress=not args.quiet,
         meta={"model": model.model_id, "seed": args.seed},
+        cond=run.cond,
     )
-    result = straighten(model.field, pairs, schedule, config, out / "train", not args.quiet)
+    result = straighten(
+        run.field, pairs, schedule, config, out / "train", not args.quiet, cond=run.cond
+    )
     path = save_straightened(result, out / "model.safetensors")
     last = result.history[-1] if result.history else {}
     print(
@@ -761,7 +853,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = DemoConfig.quick() if args.quick else DemoConfig()
     overrides = {
         k: getattr(args, k)
-        for k in ("seed", "iterations", "pair_samples", "eval_samples")
+        for k in ("seed", "iterations", "pair_samples", "eval_samples", "model", "guidance_scale")
         if getattr(args, k) is not None
     }
     config = replace(config, **overrides)
@@ -818,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .schedule import SCHEDULES
     from .solvers import SOLVERS
     from .straighten import OBJECTIVES, StraightenConfig
+    from .straighten.train import GUIDANCE
 
     parser = _Parser(
         prog="bossflow",
@@ -1046,6 +1139,14 @@ def build_parser() -> argparse.ArgumentParser:
         "of a diffusers model, every Linear and Conv2d of any other",
     )
     p.add_argument(
+        "--guidance-mode",
+        choices=list(GUIDANCE),
+        default=lib.guidance,
+        help="with --guidance-scale: keep (the straightened network is sampled with the same "
+        "guidance) or distill (it learns the guided velocity and is sampled without guidance, "
+        "one call of B rows)",
+    )
+    p.add_argument(
         "--objective",
         choices=list(OBJECTIVES),
         default=lib.objective,
@@ -1099,6 +1200,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-samples", type=_positive, help=f"held-out evaluation noises {sizes('eval_samples')}"
+    )
+    p.add_argument(
+        "--model",
+        choices=["digits", "digits-cond"],
+        default="digits",
+        help="the embedded model: digits, or digits-cond (class-conditional, sampled with "
+        "classifier-free guidance; noise m gets label m mod 10)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="W",
+        help="digits-cond's guidance scale (default: the scale recorded with its weights)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto")
     p.add_argument("--quiet", action="store_true", help="no stage lines or progress bars")

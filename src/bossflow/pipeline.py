@@ -56,6 +56,10 @@ class DemoConfig:
         learn_iterations: Adam steps per learned sampler at most.
         learn_batch_size: noises per Adam step.
         learn_lr: Adam's learning rate on the sampler's parameters.
+        model: the embedded model: ``digits`` or ``digits-cond`` (class-conditional, sampled
+            with classifier-free guidance; noise m of every stage gets label m mod 10).
+        guidance_scale: the guidance scale of ``digits-cond`` (default: the one recorded with
+            its weights).
     """
 
     seed: int = 0
@@ -80,6 +84,8 @@ class DemoConfig:
     learn_iterations: int = 200
     learn_batch_size: int = 64
     learn_lr: float = 0.05
+    model: str = "digits"
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         from .errors import ConfigError
@@ -99,6 +105,12 @@ class DemoConfig:
                 f"{self.schedule_samples}: the sampler is learned on the cost matrix's noises"
             )
 
+        if self.model not in ("digits", "digits-cond"):
+            raise ConfigError(
+                f"the demo runs on the embedded models digits and digits-cond, not {self.model!r}"
+            )
+        if self.guidance_scale is not None and self.model != "digits-cond":
+            raise ConfigError("guidance_scale is for the class-conditional digits-cond model")
         if not set(self.straighten_nfes) <= set(self.nfes):
             raise ConfigError(
                 f"straighten_nfes {list(self.straighten_nfes)} must be among nfes "
@@ -134,7 +146,7 @@ def _log(progress: bool, message: str) -> None:
         print(message, flush=True)
 
 
-def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, progress: bool):
+def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, progress: bool, cond):
     cost = cost_matrix(
         model.field,
         OffsetNoise(source, STAGE_OFFSETS["schedule"]),
@@ -144,6 +156,7 @@ def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, prog
         cache=out / "cost_matrix.npz",
         progress=progress,
         meta={"model": model.model_id, "seed": cfg.seed, "kmax": cfg.kmax},
+        cond=cond,
     )
     schedules = bellman_schedules(cost, sorted(set(cfg.nfes) | set(cfg.straighten_nfes)))
     for k, s in schedules.items():
@@ -151,7 +164,7 @@ def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, prog
     return cost, schedules
 
 
-def _straighten_stage(model, cfg, out, source, schedules, progress):
+def _straighten_stage(model, cfg, out, source, schedules, progress, cond):
     from .straighten import StraightenConfig, make_pairs, save_straightened, straighten
 
     wanted = [schedules[k] for k in cfg.straighten_nfes]
@@ -165,6 +178,7 @@ def _straighten_stage(model, cfg, out, source, schedules, progress):
         batch_size=cfg.batch,
         progress=progress,
         meta={"model": model.model_id, "seed": cfg.seed},
+        cond=cond,
     )
     base = StraightenConfig(
         iterations=cfg.iterations,
@@ -187,8 +201,9 @@ def _straighten_stage(model, cfg, out, source, schedules, progress):
         ):
             _log(progress, f"straightening: {method}, NFE {k}, {cfg.iterations} iterations")
             result = straighten(
-                model.field, pairs, schedules[k], conf, out / f"{method}-nfe{k}", progress
-            )
+                model.field, pairs, schedules[k], conf, out / f"{method}-nfe{k}", progress,
+                cond=cond,
+            )  # fmt: skip
             save_straightened(result, out / f"{method}-nfe{k}" / "model.safetensors")
             runs[(method, k)] = result
     # Reflow does not depend on the budget: one run, the same iterations as each BOSS run.
@@ -200,6 +215,7 @@ def _straighten_stage(model, cfg, out, source, schedules, progress):
         replace(base, objective="reflow"),
         out / "reflow",
         progress,
+        cond=cond,
     )
     save_straightened(reflow, out / "reflow" / "model.safetensors")
     for k in cfg.straighten_nfes:
@@ -207,7 +223,7 @@ def _straighten_stage(model, cfg, out, source, schedules, progress):
     return pairs, runs
 
 
-def _learn_stage(model, cfg: DemoConfig, out: Path, source, bellman, runs, progress: bool):
+def _learn_stage(model, cfg: DemoConfig, out: Path, source, bellman, runs, progress: bool, cond):
     """Learned samplers on the pretrained model (``learned``) and on BOSS (``boss-learned``).
 
     The teacher is a Heun solve of the pretrained model from the cost matrix's first noises
@@ -221,7 +237,7 @@ def _learn_stage(model, cfg: DemoConfig, out: Path, source, bellman, runs, progr
     z = OffsetNoise(source, STAGE_OFFSETS["schedule"]).take(cfg.learn_samples)
     _log(progress, f"  teacher: {cfg.teacher_steps} Heun steps from {cfg.learn_samples} noises")
     teacher = teacher_endpoints(
-        model.field, z, cfg.teacher_steps, "heun", cfg.batch, out / "teacher.pt", progress
+        model.field, z, cfg.teacher_steps, "heun", cfg.batch, out / "teacher.pt", progress, cond
     )
     config = LearnConfig(
         iterations=cfg.learn_iterations,
@@ -232,13 +248,13 @@ def _learn_stage(model, cfg: DemoConfig, out: Path, source, bellman, runs, progr
     prov = {"model": model.model_id, "seed": cfg.seed, "teacher": f"heun {cfg.teacher_steps}"}
     learned, boss_learned = {}, {}
     jobs = [("learned", k, model.field) for k in cfg.learn_nfes]
-    jobs += [("boss-learned", k, runs[("boss", k)].module) for k in cfg.boss_learn_nfes]
+    jobs += [("boss-learned", k, runs[("boss", k)].sampling_field) for k in cfg.boss_learn_nfes]
     for label, k, fld in jobs:
         _log(progress, f"  {label}, NFE {k}: {', '.join(cfg.learn_solvers)}")
         inits = {k: bellman[k]}  # every default family takes one evaluation per step
         best, every = learn_best_sampler(
             fld, z, teacher, k, cfg.learn_solvers, _replace(config), inits, None,
-            out / f"{label}-nfe{k}", progress, {**prov, "field": label},
+            out / f"{label}-nfe{k}", progress, {**prov, "field": label}, cond,
         )  # fmt: skip
         (learned if label == "learned" else boss_learned)[k] = (best, every)
         for solver, r in every.items():
@@ -277,6 +293,7 @@ def _run_demo_locked(
     out: Path, config: DemoConfig | None, device: str | torch.device, progress: bool
 ) -> Path:
     """:func:`run_demo`'s work, while it holds the lock on ``out``."""
+    from .conditioning import prepare_conditioning
     from .data import load_dataset
     from .metrics import evaluate_samples, frechet_backend
     from .pretrained import load_digits_classifier
@@ -287,19 +304,29 @@ def _run_demo_locked(
     out = ensure_dir(out)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = load_model("digits", device=device)
+    model = load_model(cfg.model, device=device)
+    # a conditional model runs guided everywhere; noise m of each stage gets label m mod 10
+    conditioning = prepare_conditioning(
+        model.field, model.info, guidance_scale=cfg.guidance_scale, device=device
+    )
+    model = replace(model, field=conditioning.field)
+    cond = conditioning.cond
+    if cond is not None:
+        _log(progress, f"conditioning: {conditioning.description}")
     source = NoiseSource(model.sample_shape, seed=cfg.seed, device=device)
     timings: dict[str, float] = {}
 
     _log(progress, f"[1/5] Bellman schedules (K_max={cfg.kmax}, {cfg.schedule_samples} noises)")
     start = time.perf_counter()
-    cost, bellman = _schedule_stage(model, cfg, ensure_dir(out / "schedule"), source, progress)
+    cost, bellman = _schedule_stage(
+        model, cfg, ensure_dir(out / "schedule"), source, progress, cond
+    )
     timings["schedules"] = time.perf_counter() - start
 
     _log(progress, f"[2/5] straightening pairs and fine-tuning (NFE {list(cfg.straighten_nfes)})")
     start = time.perf_counter()
     _, runs = _straighten_stage(
-        model, cfg, ensure_dir(out / "straighten"), source, bellman, progress
+        model, cfg, ensure_dir(out / "straighten"), source, bellman, progress, cond
     )
     timings["straighten"] = time.perf_counter() - start
 
@@ -307,7 +334,7 @@ def _run_demo_locked(
          f"{list(cfg.boss_learn_nfes)})")  # fmt: skip
     start = time.perf_counter()
     learned, boss_learned = _learn_stage(
-        model, cfg, ensure_dir(out / "learn"), source, bellman, runs, progress
+        model, cfg, ensure_dir(out / "learn"), source, bellman, runs, progress, cond
     )
     for k, (best, _) in learned.items():
         best.sampler.save(out / "schedule" / f"learned_nfe{k}.json")
@@ -320,7 +347,8 @@ def _run_demo_locked(
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(cfg.eval_samples))
     _log(progress, f"  reference solve: {cfg.reference_steps} Euler steps per noise")
     ref_start = time.perf_counter()
-    reference = reference_solve(model.field, noise, steps=cfg.reference_steps)
+    eval_cond = conditioning.rows(cfg.eval_samples)
+    reference = reference_solve(model.field, noise, steps=cfg.reference_steps, cond=eval_cond)
     ref_wall = time.perf_counter() - ref_start
     data = load_dataset(model.dataset or "digits", "heldout")
     classifier = load_digits_classifier(device=device)
@@ -345,17 +373,18 @@ def _run_demo_locked(
             ("reflow", uniform(k)),
         ):
             run = runs[(method, k)]
-            methods.append(EvalEntry(method, run.module, schedule, iterations=run.iterations))
+            field = run.sampling_field
+            methods.append(EvalEntry(method, field, schedule, iterations=run.iterations))
     for _k, (best, _) in sorted(learned.items()):
         methods.append(EvalEntry("learned", model.field, best.sampler))
     for k, (best, _) in sorted(boss_learned.items()):
         run = runs[("boss", k)]
         methods.append(
-            EvalEntry("boss-learned", run.module, best.sampler, iterations=run.iterations)
+            EvalEntry("boss-learned", run.sampling_field, best.sampler, iterations=run.iterations)
         )
     features = classifier.features
     records, samples = evaluate_methods(
-        methods, noise, reference, heldout_images, features, log=print if progress else None
+        methods, noise, reference, heldout_images, features, print if progress else None, eval_cond
     )
     # The reference's own row: zero error by definition, and its Fréchet distance to the data.
     records.append(
@@ -370,6 +399,17 @@ def _run_demo_locked(
         )
     )
     timings["evaluation"] = time.perf_counter() - start
+    class_agreement = None
+    if eval_cond is not None:  # per-class check: does the classifier see the asked-for digit?
+        labels = eval_cond["class_labels"].cpu()
+        with torch.no_grad():
+            class_agreement = {
+                f"{label}-nfe{k}": float((classifier(x).argmax(1).cpu() == labels).float().mean())
+                for (label, k), x in samples.items()
+            }
+            class_agreement["reference"] = float(
+                (classifier(reference).argmax(1).cpu() == labels).float().mean()
+            )
 
     _log(progress, "[5/5] report")
 
@@ -386,6 +426,8 @@ def _run_demo_locked(
     grid_nfe = cfg.straighten_nfes[0]
     rows = grid_rows(grid_nfe)
     caption = "Samples at {} NFE (one row per method, same noise in each column)"
+    if cond is not None:
+        caption += "; column m is class m mod 10"
     grids = {"samples.png": (caption.format(grid_nfe), rows)}
     grids |= {
         f"samples_nfe{k}.png": (caption.format(k), grid_rows(k)) for k in cfg.straighten_nfes[1:]
@@ -397,6 +439,8 @@ def _run_demo_locked(
     timings["total"] = time.perf_counter() - t0
     extra = {
         "model": model.model_id,
+        "conditioning": conditioning.description,
+        "class_agreement": class_agreement,
         "config": asdict(cfg),
         "device": str(device),
         "torch": torch.__version__,
@@ -445,7 +489,7 @@ def _run_demo_locked(
         records,
         schedules=plotted,
         extra=extra,
-        title="bossflow demo: digits",
+        title=f"bossflow demo: {cfg.model}",
         more_samples=grids,
     )
     _log(progress, "\n" + markdown_table(records) + "\n\n" + text)

@@ -198,6 +198,8 @@ def load_model(
     shape: str | tuple[int, ...] | None = None,
     device: str | torch.device = "cpu",
     weights: str = "ema",
+    sample_keyword: str | None = None,
+    timestep_scale: float | None = None,
 ) -> LoadedModel:
     """Resolve a model spec (see module docstring) to a :class:`LoadedModel` on ``device``.
 
@@ -217,7 +219,8 @@ def load_model(
     elif spec.startswith("rectified-flow:"):
         loaded = _load_rectified_flow(spec.split(":", 1)[1], checkpoint, weights, device)
     elif ":" in spec:
-        loaded = _load_callable(spec, checkpoint, convention, _parse_shape(shape))
+        options = _convention_options(convention, sample_keyword, timestep_scale)
+        loaded = _load_callable(spec, checkpoint, convention, _parse_shape(shape), options)
     else:
         raise ConfigError(f"unknown model {spec!r}; {_SPEC_FORMS}")
     if shape is not None:
@@ -252,7 +255,34 @@ def _dotted(name: str) -> bool:
     return bool(name) and all(part.isidentifier() for part in name.split("."))
 
 
-def _load_callable(spec: str, checkpoint, convention, shape) -> LoadedModel:
+def _convention_options(
+    convention: str | None, sample_keyword: str | None, timestep_scale: float | None
+) -> dict[str, Any]:
+    """Adapter arguments from ``--sample-keyword`` / ``--timestep-scale`` for a convention."""
+    options: dict[str, Any] = {}
+    if sample_keyword is not None:
+        if convention != "diffusers":
+            raise ConfigError(
+                "--sample-keyword is for --convention diffusers (transformers take the latents "
+                "as hidden_states=...)"
+            )
+        options["sample_keyword"] = sample_keyword
+    if timestep_scale is not None:
+        if not timestep_scale > 0:
+            raise ConfigError(f"--timestep-scale must be positive, got {timestep_scale}")
+        if convention == "diffusers":
+            options["num_train_timesteps"] = timestep_scale
+        elif convention == "rectified-flow":
+            options["time_scale"] = timestep_scale
+        else:
+            raise ConfigError(
+                "--timestep-scale is for --convention diffusers (timestep = scale * sigma; FLUX "
+                "models: 1) or rectified-flow (time input = scale * t')"
+            )
+    return options
+
+
+def _load_callable(spec: str, checkpoint, convention, shape, options=None) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     if not (_dotted(module_name) and _dotted(attr)):
         raise ConfigError(
@@ -260,6 +290,7 @@ def _load_callable(spec: str, checkpoint, convention, shape) -> LoadedModel:
             f"mypkg.nets:make_model); {_SPEC_FORMS}"
         )
     try:
+        _importable_from_cwd()
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(f"cannot import {module_name!r} from --model {spec!r}: {err}") from None
@@ -302,4 +333,18 @@ def _load_callable(spec: str, checkpoint, convention, shape) -> LoadedModel:
             f"the sample shape of {spec!r} is unknown: pass --shape C,H,W (or give the module a "
             "sample_shape attribute)"
         )
-    return LoadedModel(wrap(network), tuple(shape), spec + (f":{checkpoint}" if checkpoint else ""))
+    field = wrap(network, **(options or {}))
+    return LoadedModel(field, tuple(shape), spec + (f":{checkpoint}" if checkpoint else ""))
+
+
+def _importable_from_cwd() -> None:
+    """Let ``--model mymodule:make`` import from the current folder, as ``python -m`` does.
+
+    An installed console script puts its own folder first on ``sys.path``, not the current one.
+    """
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
