@@ -1261,24 +1261,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bossflow`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
     try:
+        # torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints and locks --out
+        if distributed.init_from_env(getattr(args, "device", None)) and distributed.rank() > 0:
+            import os
+
+            args.quiet, sys.stdout = True, open(os.devnull, "w")  # noqa: SIM115
         if args.command in _WRITES_OUT_FOLDER:  # one run at a time per output folder
             from .io import output_lock
 
             command = " ".join(["bossflow", *(sys.argv[1:] if argv is None else argv)])
             # checked and created before the lock; removed again if the run fails and leaves it empty
-            with _output_dir(args.out) as out, output_lock(out, command[:200]):
-                return int(args.func(args) or 0)
+            with _output_dir(args.out) as out:
+                lock = output_lock(out, command[:200])  # rank 0's; the others share the folder
+                with lock if distributed.is_rank_zero() else contextlib.nullcontext():
+                    return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except BossflowError as err:
-        print(f"bossflow {args.command}: error: {err}", file=sys.stderr)
+        if distributed.report_failure(err):  # one message per job, from the rank that failed
+            where = distributed.rank_label()
+            print(f"bossflow {args.command}: error: {where}{err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug: the traceback is printed; the other ranks stop waiting
+        distributed.report_failure(err)
+        raise
     except KeyboardInterrupt:
         print(
             f"bossflow {args.command}: interrupted; rerun the same command to resume",
             file=sys.stderr,
         )
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,14 @@ class ConfigError(BossflowError, ValueError):
     """A model spec, option or configuration is unknown or inconsistent."""
 
 
+class DistributedError(BossflowError, RuntimeError):
+    """A multi-process run (torchrun) cannot start or continue; the message says which rank failed."""
+
+
+class PeerFailedError(DistributedError):
+    """Another rank of a multi-process run failed; that rank reports its own error."""
+
+
 class MissingExtraError(BossflowError, ImportError):
     """An optional dependency is needed; the message names the pip extra to install."""
 

@@ -49,8 +49,14 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], None], every_rank: bool = False
+) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``.
+
+    In a multi-process run (torchrun) only rank 0 writes: the other ranks return ``path`` without
+    writing, so shared files are written once. ``every_rank=True`` writes on every rank (a file
+    only this rank makes, e.g. its pair shard).
 
     The temporary file lives in the same directory (so the rename is atomic) and is removed if
     ``write`` fails; ``path`` is either untouched or complete, never half written.
@@ -61,6 +67,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     ``SystemExit`` propagate as they are. The temporary file is removed in every case.
     """
     path = Path(path)
+    if not every_rank:
+        from .distributed import is_rank_zero
+
+        if not is_rank_zero():
+            return path
     ensure_dir(path.parent)
     tmp_path: Path | None = None
     try:

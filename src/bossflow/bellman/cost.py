@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed as dist
 from ..checkpoint import module_fingerprint, noise_fingerprint
 from ..errors import BossflowError, CheckpointError, ConfigError, CostMatrixError
 from ..field import VelocityField, guidance_identity
@@ -464,40 +465,97 @@ def cost_matrix(
     identity = json.loads(json.dumps(identity, default=str))  # as a cache holds it
     acc = CostMatrix.empty(fine, name, meta)
     acc.identity = identity
-    if cache is not None and Path(cache).exists():
-        acc = CostMatrix.load(cache)
-        _check_cache(cache, acc, fine, name, identity)
-        if acc.count > total:
-            raise CheckpointError(
-                f"cache {cache} already holds {acc.count} samples, more than the {total} asked"
-            )
-        stored = json.loads(
-            json.dumps(meta or {})
-        )  # compare as the cache holds it (tuples -> lists)
-        clash = {k for k, v in stored.items() if k in acc.meta and acc.meta[k] != v}
-        if clash:
-            raise CheckpointError(
-                f"cache {cache} was made with other settings ({', '.join(sorted(clash))} differ); "
-                "delete it or pass another path"
-            )
-        acc.meta.update(meta or {})
+    # several processes: rank 0 reads and checks the cache, the others get what it found
+    if cache is not None and dist.is_rank_zero() and Path(cache).exists():
+        with dist.fail_together():
+            acc = _resume(cache, acc, fine, name, identity, total, meta)
+    acc = dist.broadcast_object(acc)
 
     bar = None
-    if progress:
+    if progress and dist.is_rank_zero():
         from ..progress import progress_bar
 
         bar = progress_bar(total=total, initial=acc.count, desc="cost matrix", unit="traj")
     try:
         while acc.count < total:
-            rows = range(acc.count, min(acc.count + batch_size, total))
-            z = take(rows)
-            states, vels = fine_trajectories(field, z, fine, take_cond(rows))
-            acc.update(batch_costs(states, vels, fine.times, metric))
+            if dist.is_distributed():
+                rows = _distributed_round(
+                    acc, field, take, take_cond, fine, metric, batch_size, total
+                )
+            else:
+                rows = range(acc.count, min(acc.count + batch_size, total))
+                z = take(rows)
+                states, vels = fine_trajectories(field, z, fine, take_cond(rows))
+                acc.update(batch_costs(states, vels, fine.times, metric))
             if cache is not None:
-                acc.save(cache)
+                acc.save(cache)  # rank 0 only (atomic_write)
             if bar is not None:
                 bar.update(len(rows))
     finally:
         if bar is not None:
             bar.close()
     return acc
+
+
+def _resume(
+    cache: str | os.PathLike,
+    acc: CostMatrix,
+    fine: Schedule,
+    name: str,
+    identity: dict,
+    total: int,
+    meta: dict[str, Any] | None,
+) -> CostMatrix:
+    """The accumulator stored in ``cache``, checked against this run (grid, metric, identity,
+    sample count, meta)."""
+    acc = CostMatrix.load(cache)
+    _check_cache(cache, acc, fine, name, identity)
+    if acc.count > total:
+        raise CheckpointError(
+            f"cache {cache} already holds {acc.count} samples, more than the {total} asked"
+        )
+    stored = json.loads(json.dumps(meta or {}))  # compare as the cache holds it (tuples -> lists)
+    clash = {k for k, v in stored.items() if k in acc.meta and acc.meta[k] != v}
+    if clash:
+        raise CheckpointError(
+            f"cache {cache} was made with other settings ({', '.join(sorted(clash))} differ); "
+            "delete it or pass another path"
+        )
+    acc.meta.update(meta or {})
+    return acc
+
+
+def _distributed_round(
+    acc: CostMatrix,
+    field: VelocityField,
+    take: Callable,
+    take_cond: Callable,
+    fine: Schedule,
+    metric: str | Metric,
+    batch_size: int,
+    total: int,
+) -> range:
+    """One round of a multi-process run: each rank integrates its batch of the next
+    ``world_size * batch_size`` samples; sums, squares and counts are all-reduced in float64 and
+    added to ``acc`` on every rank. Returns the samples the round covered."""
+    rows, end = dist.round_rows(acc.count, total, batch_size)
+    n1 = len(fine.times)
+    part = torch.zeros(2 * n1 * n1 + 1, dtype=torch.float64)
+    with dist.fail_together():  # a rank that fails here tells the others, waiting below
+        if len(rows):
+            states, vels = fine_trajectories(field, take(rows), fine, take_cond(rows))
+            c = batch_costs(states, vels, fine.times, metric).detach().to("cpu", torch.float64)
+            part[: n1 * n1] = c.sum(0).flatten()
+            part[n1 * n1 : -1] = c.pow(2).sum(0).flatten()
+            part[-1] = len(rows)
+    part = dist.all_reduce_sum_float64(part)
+    covered = range(acc.count, end)
+    if int(part[-1]) != len(covered):  # every rank must have taken the same rows
+        raise CostMatrixError(
+            f"the processes counted {int(part[-1])} samples in a round of {len(covered)}; every "
+            "rank must be given the same noise, samples and batch_size"
+        )
+    acc.sum += part[: n1 * n1].view(n1, n1).numpy()
+    acc.sumsq += part[n1 * n1 : -1].view(n1, n1).numpy()
+    acc.count = end
+    return covered

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed as dist
 from ..checkpoint import module_fingerprint
 from ..checkpoint import noise_fingerprint as _noise_fingerprint
 from ..errors import BossflowError, CheckpointError, ConfigError
@@ -503,33 +504,27 @@ def make_pairs(
     identity = json.loads(json.dumps(identity))  # what a JSON round trip gives, for comparison
 
     path = ensure_dir(out_dir)
-    manifest = _read_manifest(path)
-    if manifest is None:
-        manifest = {**identity, "samples": total, "count": 0, "shards": []}
-    else:
-        differ = [k for k in identity if manifest.get(k) != identity[k]]
-        if differ:
-            raise CheckpointError(
-                f"{path} holds pairs made with another schedule, grid, model or noise (different: "
-                f"{', '.join(differ)}). Use another out_dir for these pairs, or delete {path}."
-            )
-        if manifest["count"] > total:
-            raise CheckpointError(
-                f"{path} already holds {manifest['count']} samples, more than the {total} asked; "
-                "pass samples >= that or use another out_dir"
-            )
-        manifest["samples"] = total
-        if manifest["count"]:
-            PairStore.open(path)  # the shards already listed must be readable before adding more
-    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    # several processes: rank 0 reads, checks and writes the manifest; the others get it
+    manifest = None
+    if dist.is_rank_zero():
+        with dist.fail_together():
+            manifest = _start_manifest(path, identity, total)
+    manifest = dist.broadcast_object(manifest)
 
     bar = None
-    if progress:
+    if progress and dist.is_rank_zero():
         from ..progress import progress_bar
 
         bar = progress_bar(total=total, initial=manifest["count"], desc="pairs", unit="traj")
     try:
         while manifest["count"] < total:
+            if dist.is_distributed():
+                covered = _distributed_round(
+                    field, take, take_cond, grid, keep, dtype, path, manifest, batch_size, total
+                )
+                if bar is not None:
+                    bar.update(covered)
+                continue
             start = manifest["count"]
             rows = range(start, min(start + batch_size, total))
             states = _integrate(field, take(rows), grid, keep, take_cond(rows))
@@ -551,4 +546,78 @@ def make_pairs(
     finally:
         if bar is not None:
             bar.close()
+    dist.barrier()  # rank 0 has written the last manifest
     return PairStore.open(path)
+
+
+def _start_manifest(path: Path, identity: dict[str, Any], total: int) -> dict[str, Any]:
+    """The manifest to continue from (a new one, or the folder's, checked against ``identity``),
+    written back with ``samples = total``."""
+    manifest = _read_manifest(path)
+    if manifest is None:
+        manifest = {**identity, "samples": total, "count": 0, "shards": []}
+    else:
+        differ = [k for k in identity if manifest.get(k) != identity[k]]
+        if differ:
+            raise CheckpointError(
+                f"{path} holds pairs made with another schedule, grid, model or noise (different: "
+                f"{', '.join(differ)}). Use another out_dir for these pairs, or delete {path}."
+            )
+        if manifest["count"] > total:
+            raise CheckpointError(
+                f"{path} already holds {manifest['count']} samples, more than the {total} asked; "
+                "pass samples >= that or use another out_dir"
+            )
+        manifest["samples"] = total
+        if manifest["count"]:
+            PairStore.open(path)  # the shards already listed must be readable before adding more
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _write_shard(path: Path, name: str, arr: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+
+    atomic_write(path / name, write, every_rank=True)  # the rank that made it writes it
+
+
+def _distributed_round(
+    field: VelocityField,
+    take: Any,
+    take_cond: Any,
+    grid: Schedule,
+    keep: list[int],
+    dtype: torch.dtype,
+    path: Path,
+    manifest: dict[str, Any],
+    batch_size: int,
+    total: int,
+) -> int:
+    """One round of a multi-process run: rank ``r`` integrates the ``r``-th batch of the next
+    ``world_size * batch_size`` samples and writes it as its own shard (the shards of a round
+    are numbered in sample order, as one process would number them); the shard entries are
+    gathered and rank 0 writes the manifest once they are all on disk. Every rank updates its
+    copy of ``manifest``. Returns the number of samples the round covered."""
+    rows, end = dist.round_rows(manifest["count"], total, batch_size)
+    entry = None
+    with dist.fail_together():  # a rank that fails here tells the others, waiting below
+        if len(rows):
+            states = _integrate(field, take(rows), grid, keep, take_cond(rows))
+            arr = states.detach().to("cpu", dtype).numpy()
+            # ranks with rows are a prefix of the ranks, so shard numbers follow sample order
+            name = f"shard-{len(manifest['shards']) + dist.rank():05d}.npy"
+            _write_shard(path, name, arr)
+            entry = {"file": name, "start": rows.start, "count": len(rows)}
+    entries = [e for e in dist.all_gather_object(entry) if e is not None]
+    if sum(e["count"] for e in entries) != end - manifest["count"]:
+        raise CheckpointError(
+            "the processes made shards of different rounds; every rank must be given the same "
+            "noise, samples and batch_size"
+        )
+    covered = end - manifest["count"]
+    manifest["shards"].extend(entries)
+    manifest["count"] = end
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # rank 0 only
+    return covered

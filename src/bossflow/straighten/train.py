@@ -31,6 +31,7 @@ iterations; ``select="best"`` returns the weights with the lowest held-out error
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
 from ..field import Guided, call_field, guidance_identity, time_batch, time_dtype
 from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
@@ -332,6 +334,29 @@ def eval_interval_error(
     return total / (idx.size * len(steps))
 
 
+def _heldout_error(
+    field: Callable[[Tensor, Tensor], Tensor],
+    pairs: PairStore,
+    schedule: Schedule,
+    indices: np.ndarray,
+    batch_size: int,
+    cond: CondLike | None,
+) -> float:
+    """:func:`eval_interval_error` on ``indices``, split over the processes of a multi-process run
+    (each takes a contiguous block; the float64 sums are all-reduced)."""
+    if not dist.is_distributed():
+        return eval_interval_error(field, pairs, schedule, indices, batch_size, cond)
+    block = dist.split_range(len(indices))
+    total = 0.0
+    with dist.fail_together():
+        if len(block):
+            mine = indices[block.start : block.stop]
+            total = eval_interval_error(field, pairs, schedule, mine, batch_size, cond) * len(mine)
+    return float(dist.all_reduce_sum_float64(torch.tensor(total, dtype=torch.float64))) / len(
+        indices
+    )
+
+
 def _pairs_cond(pairs: PairStore, cond: CondLike | None) -> Callable:
     """The reader of ``cond`` for a store's rows, checked against what the store was made with."""
     made = pairs.manifest.get("cond_fingerprint")
@@ -488,10 +513,13 @@ def _check_resumable(
 class Objective:
     """A straightening objective: how a batch ``(x, t, target)`` is drawn from a pair store.
 
-    ``batch(pairs, cols, times, rows, generator, device)`` gets the store, the columns ``cols``
-    (K + 1,) of the schedule's times ``times`` (K + 1,) float64, the store rows of the batch
-    (drawn by the loop) and the run's generator for any further draw; it returns float32 tensors
-    on ``device``: inputs ``x`` (B, ...), times ``t`` (B,) and regression targets shaped like ``x``.
+    ``batch(pairs, cols, times, rows, generator, device, part)`` gets the store, the columns
+    ``cols`` (K + 1,) of the schedule's times ``times`` (K + 1,) float64, the store rows of the
+    batch (drawn by the loop) and the run's generator for any further draw; it returns float32
+    tensors on ``device``: inputs ``x`` (B, ...), times ``t`` (B,) and regression targets shaped
+    like ``x``. ``part`` (a slice, default all) selects the rows this process trains on: every
+    draw is made for the whole batch, so the generator advances as in a single process, and only
+    the rows of ``part`` are read and returned.
     """
 
     name: str
@@ -499,9 +527,10 @@ class Objective:
     description: str
 
 
-def _boss_batch(pairs, cols, times, rows, generator, device):
+def _boss_batch(pairs, cols, times, rows, generator, device, part=slice(None)):
     """Paper eq. 9: a random interval k per row; target (x_{s_{k+1}} - x_{s_k}) / (s_{k+1} - s_k)."""
     k = torch.randint(len(cols) - 1, (len(rows),), generator=generator)
+    rows, k = rows[part], k[part]
     x_k = pairs.states[rows, cols[k]].to(device, torch.float32)
     x_next = pairs.states[rows, cols[k + 1]].to(device, torch.float32)
     h = (times[k + 1] - times[k]).to(device, torch.float32)
@@ -509,11 +538,13 @@ def _boss_batch(pairs, cols, times, rows, generator, device):
     return x_k, times[k].to(device, torch.float32), target
 
 
-def _reflow_batch(pairs, cols, times, rows, generator, device):
+def _reflow_batch(pairs, cols, times, rows, generator, device, part=slice(None)):
     """Reflow: t ~ U[0, 1] on the straight line from the noise to the model's final sample."""
+    t = torch.rand(len(rows), generator=generator, dtype=torch.float64)[part]
+    t = t.to(device, torch.float32)
+    rows = rows[part]
     z = pairs.states[rows, int(cols[0])].to(device, torch.float32)
     x_1 = pairs.states[rows, int(cols[-1])].to(device, torch.float32)
-    t = torch.rand(len(rows), generator=generator, dtype=torch.float64).to(device, torch.float32)
     x_t, target = interpolate(z, x_1, t)
     return x_t, t, target
 
@@ -667,6 +698,14 @@ def straighten(
         else (None, field_module)
     )
     objective = OBJECTIVES[config.objective]
+    world = dist.world_size()
+    if config.batch_size % world:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is split over {world} processes; pass a multiple of "
+            f"{world} (the global batch, the same as one process would use)"
+        )
+    share = config.batch_size // world
+    part = slice(dist.rank() * share, (dist.rank() + 1) * share)  # this process's rows of a batch
     cols = torch.as_tensor(pairs.for_schedule(schedule))  # (K + 1,) store columns of s_0..s_K
     times = torch.tensor(np.array(schedule.times), dtype=torch.float64)
     train_idx, heldout_idx = _holdout_indices(len(pairs), config.holdout)
@@ -709,11 +748,32 @@ def straighten(
     student = model
     if teacher_guide is not None and config.guidance == "keep":
         student = Guided(model, teacher_guide.scale, teacher_guide.uncond)
-    if ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-        _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint, guidance)
+    # several processes: rank 0 reads and checks the checkpoint, the others get what it read
+    ckpt = None
+    if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
+        with dist.fail_together():
+            ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
+            _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint, guidance)
+    ckpt = dist.broadcast_object(ckpt)
+    if ckpt is not None:
         run.restore(ckpt, ckpt_path, device)
     state = run.state
+    # the forward pass of training: through DDP (gradients averaged over the processes, LoRA
+    # adapters included: they are the trainable parameters DDP registers) on several processes
+    train_student = student
+    if dist.is_distributed():
+        dist.barrier()  # a rank that failed above is reported here, not inside DDP's set-up
+        ddp_class = torch.nn.parallel.DistributedDataParallel
+        # buffers are identical on every rank: nothing to send per step (the keyword was renamed)
+        sync = "forward_sync_buffers"
+        if sync not in inspect.signature(ddp_class.__init__).parameters:
+            sync = "broadcast_buffers"
+        ddp = ddp_class(
+            model, device_ids=[device] if device.type == "cuda" else None, **{sync: False}
+        )
+        train_student = ddp
+        if teacher_guide is not None and config.guidance == "keep":
+            train_student = Guided(ddp, teacher_guide.scale, teacher_guide.uncond)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if config.amp else nullcontext()
@@ -723,7 +783,7 @@ def straighten(
         heldout = None
         if heldout_idx.size:
             with run.ema.applied() if run.ema is not None else nullcontext():
-                heldout = eval_interval_error(
+                heldout = _heldout_error(
                     student, pairs, schedule, heldout_idx, config.eval_batch_size, cond
                 )
                 if state.best is None or heldout < state.best["loss"]:
@@ -751,7 +811,7 @@ def straighten(
         total=config.iterations,
         initial=state.iteration,
         desc=f"straighten ({config.objective}{', LoRA' if config.lora_rank else ''})",
-        enabled=progress,
+        enabled=progress and dist.is_rank_zero(),
     )
     shown = None  # smoothed loss for the progress bar
     start_time = time.perf_counter()
@@ -760,12 +820,15 @@ def straighten(
             lr = _learning_rate(state.iteration, config)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            # the global batch, the same on every process; this process trains on rows[part]
             rows = random_rows(train_idx, config.batch_size, generator)
-            x, t, target = objective.batch(pairs, cols, times, rows, generator, device)
-            c = _to_device(take_cond(rows.tolist()), device)
+            x, t, target = objective.batch(pairs, cols, times, rows, generator, device, part)
+            c = _to_device(take_cond(rows[part].tolist()), device)
             with autocast():
                 # times at least float32; a model that raises is one error naming the call
-                pred = call_field(student, x.to(dtype), t.to(time_dtype(x)), "the model", False, c)
+                pred = call_field(
+                    train_student, x.to(dtype), t.to(time_dtype(x)), "the model", False, c
+                )
             if pred.shape != target.shape:  # mse_loss would broadcast silently
                 raise ModelOutputError(
                     f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
@@ -781,6 +844,8 @@ def straighten(
             state.iteration += 1
             # note: float(loss) is a device sync; cheap next to a step of any real model
             loss_value = float(loss.detach())
+            if world > 1:  # the global batch's loss: the mean of the equal parts' losses
+                loss_value = float(dist.all_reduce_sum_float64(torch.tensor(loss_value))) / world
             state.loss_sum, state.loss_count = state.loss_sum + loss_value, state.loss_count + 1
             if callback is not None:
                 callback(
@@ -797,7 +862,10 @@ def straighten(
             ):
                 state.wall_s += time.perf_counter() - start_time
                 start_time = time.perf_counter()
-                run.save(ckpt_path)
+                if dist.is_rank_zero():
+                    with dist.fail_together():
+                        run.save(ckpt_path)
+                dist.barrier()  # a failed write stops every process here
     finally:
         bar.close()
     state.wall_s += time.perf_counter() - start_time
@@ -861,6 +929,8 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
+    if not dist.is_rank_zero():  # every process holds the same result; rank 0 writes it
+        return path
     network, prefix = raw_network(result.module)
     state = network_state(network)
     diffusers_folder = lora_folder = None

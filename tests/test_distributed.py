@@ -1,0 +1,173 @@
+"""Two CPU ranks under torchrun (gloo) give the single-process results.
+
+Each test launches ``torchrun --standalone --nproc_per_node=2`` on tests/dist_worker.py or on
+``-m bossflow`` and compares with the same work done in this (single) process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bossflow import distributed as dist
+from bossflow.io import atomic_write_text
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import dist_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed"
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The ranks run one thread each; the single-process reference must too (float32 sums
+    split over threads round differently, a difference that has nothing to do with ranks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def torchrun(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port; one thread per rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BOSSFLOW_PROGRESS": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(HERE), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.run(
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def max_rel(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in a)
+
+
+# -- single process: nothing distributed is touched -------------------------------------------------
+
+
+def test_single_process_needs_no_process_group(tmp_path):
+    assert not dist.is_distributed() and dist.rank() == 0 and dist.world_size() == 1
+    assert not dist.init_from_env()  # WORLD_SIZE unset: nothing is initialised
+    assert not torch.distributed.is_initialized()
+    assert dist.round_rows(8, 10, 4) == (range(8, 10), 10)
+    assert dist.split_range(5) == range(5)
+    x = np.arange(3.0)
+    assert dist.all_reduce_sum_float64(x) is x and dist.all_gather_object(1) == [1]
+    assert dist.broadcast_object("a") == "a"
+    atomic_write_text(tmp_path / "f.txt", "x")  # rank 0 of one: writes
+    assert (tmp_path / "f.txt").read_text() == "x"
+
+
+def test_world_size_without_torchrun_variables_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(dist.DistributedError, match="launch with torchrun"):
+        dist.init_from_env()
+
+
+# -- two ranks ---------------------------------------------------------------------------------------
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """Cost matrix to 1e-12 relative, identical schedules and pairs (and shards), full and LoRA
+    straightening with the same global batch to 1e-4, LoRA adapters equal on both ranks."""
+    run = torchrun(str(HERE / "dist_worker.py"), "all", str(tmp_path / "two"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
+    (tmp_path / "one").mkdir()
+    one = worker.run_all(tmp_path / "one")
+
+    assert two["count"] == one["count"] == worker.SAMPLES
+    scale = np.abs(one["cost_sum"]).max()
+    assert np.abs(two["cost_sum"] - one["cost_sum"]).max() <= 1e-12 * scale
+    assert np.abs(two["cost_sumsq"] - one["cost_sumsq"]).max() <= 1e-12 * one["cost_sumsq"].max()
+    assert two["schedules"] == one["schedules"]
+    assert torch.equal(two["pairs"], one["pairs"])
+    assert two["shards"] == one["shards"]  # the same shard files as one process writes
+    for lora in (0, 2):
+        assert max_rel(two[f"weights_{lora}"], one[f"weights_{lora}"]) <= 1e-4
+        assert not any(k.startswith("module.") for k in two[f"weights_{lora}"])
+        h1, h2 = one[f"history_{lora}"], two[f"history_{lora}"]
+        assert [h["iteration"] for h in h1] == [h["iteration"] for h in h2]
+        np.testing.assert_allclose(
+            [h["heldout_loss"] for h in h2], [h["heldout_loss"] for h in h1], rtol=1e-4
+        )
+        # the weights moved: a run that trained nothing would also "match"
+        base = worker.field().state_dict()
+        assert max_rel(one[f"weights_{lora}"], base) > 1e-3
+    # LoRA processes in lockstep: both ranks hold the same adapters (drift would show here)
+    rank0, rank1 = two["adapters_by_rank"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_killed_at_two_ranks_resumes_at_one_then_two(tmp_path):
+    """2 ranks stop after the checkpoint at 3, one process continues past the one at 6, two ranks
+    finish at 9: the weights of an uninterrupted single-process run."""
+    out = tmp_path / "run"
+    first = torchrun(str(HERE / "dist_worker.py"), "resume", str(out), "4", "2", cwd=tmp_path)
+    assert first.returncode != 0  # the callback killed it
+    assert (out / "train" / "checkpoint.pt").exists()
+    assert torch.load(out / "train" / "checkpoint.pt", weights_only=False)["iteration"] == 3
+
+    _, scheds = worker.schedules(out)
+    store = worker.pairs(out, scheds)
+    with pytest.raises(worker.Stop):  # one process: from 3 to the checkpoint at 6, then dies
+        worker.train(store, scheds[2], 2, out / "train", 9, stop=7)
+    assert torch.load(out / "train" / "checkpoint.pt", weights_only=False)["iteration"] == 6
+
+    last = torchrun(str(HERE / "dist_worker.py"), "resume", str(out), "0", "2", cwd=tmp_path)
+    assert last.returncode == 0, last.stderr[-3000:]
+    resumed = torch.load(out / "final.pt")
+
+    (tmp_path / "ref").mkdir()
+    shutil.copytree(out / "pairs", tmp_path / "ref" / "pairs")
+    whole = worker.train(store, scheds[2], 2, tmp_path / "ref" / "train", 9)
+    assert max_rel(resumed, whole.module.state_dict()) <= 1e-4
+
+
+_FAILING_MODULE = """\
+import os
+import torch
+
+class Net(torch.nn.Module):
+    sample_shape = (4,)
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 4)
+
+    def forward(self, x, t):
+        if os.environ.get("RANK") == "1":  # bad input on one rank
+            raise ValueError("rank one cannot take this input")
+        return self.lin(torch.cat([x, t[:, None]], 1))
+"""
+
+
+def test_failing_rank_ends_the_job_with_its_message(tmp_path):
+    (tmp_path / "failmod.py").write_text(_FAILING_MODULE)
+    start = time.monotonic()
+    run = torchrun(
+        "-m", "bossflow", "schedule", "--model", "failmod:Net", "--samples", "64",
+        "--batch-size", "4", "--kmax", "10", "--nfe", "2", "--out", "out", "--quiet",
+        cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("bossflow schedule: error:")]
+    assert len(lines) == 1, run.stderr[-3000:]  # one message, from the rank that failed
+    assert "[rank 1/2]" in lines[0] and "rank one cannot take this input" in lines[0]
+    assert elapsed < 30  # not the collective's 30-minute timeout
+    assert not (tmp_path / "out" / "cost_matrix.npz").exists()
