@@ -255,14 +255,32 @@ def test_torchcfm_torch_wrapper_is_unwrapped():
     torch.testing.assert_close(field(x, mixed), by_row)  # each row its own time
 
 
-def test_torchcfm_class_conditional_unet_schedule_straighten_sample(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions: two threads that contend with other work were 25x slower (56 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torchcfm_class_conditional_unet_schedule_straighten_sample(tmp_path, one_thread):
+    # CI installs torchcfm with --no-deps (+ pot): its declared dependencies pull torchvision
     unet = pytest.importorskip("torchcfm.models.unet.unet")
     torch.manual_seed(0)
     net = unet.UNetModelWrapper(
         dim=(1, 28, 28), num_channels=32, num_res_blocks=1, channel_mult=(1, 1), class_cond=True,
         num_classes=10, num_heads=1, num_head_channels=-1, attention_resolutions="14",
+        use_scale_shift_norm=True,  # else GroupNorm(32) on 32 channels cancels the t, y embedding
     )  # fmt: skip
+    for p in net.parameters():  # torchcfm zero-initialises each block's last layer: v = 0
+        if not p.any():
+            nn.init.normal_(p, std=0.05)
     field = TorchCFMField(net).eval()
+    x, t = torch.randn(2, 1, 28, 28), torch.full((2,), 0.5)
+    with torch.no_grad():  # the labels reach the network as y
+        one, two = field(x, t, y=torch.tensor([1, 1])), field(x, t, y=torch.tensor([2, 2]))
+    assert (one - two).abs().max() > 1e-3
     cond = lambda rows: {"y": torch.as_tensor(list(rows)) % 10}  # noqa: E731
     noise = NoiseSource((1, 28, 28), seed=0)
     cost = cost_matrix(field, noise, grid=8, batch_size=4, samples=4, cond=cond)
@@ -272,3 +290,5 @@ def test_torchcfm_class_conditional_unet_schedule_straighten_sample(tmp_path):
     result = straighten(field, pairs, schedule, config, progress=False, cond=cond)
     x = sample(result.module, noise.take(3), schedule, cond={"y": torch.tensor([0, 1, 2])})
     assert x.shape == (3, 1, 28, 28) and bool(torch.isfinite(x).all())
+    before = sample(field, noise.take(3), schedule, cond={"y": torch.tensor([0, 1, 2])})
+    assert (x - before).abs().max() > 1e-3  # the straightened weights differ
