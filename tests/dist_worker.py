@@ -13,7 +13,10 @@ import torch
 
 from bossflow import distributed as dist
 from bossflow.bellman import bellman_schedules, cost_matrix
+from bossflow.evaluation import EvalEntry, evaluate_methods
+from bossflow.learn import LearnConfig, learn_sampler, teacher_endpoints
 from bossflow.noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
+from bossflow.solvers import reference_solve
 from bossflow.spec import load_model
 from bossflow.straighten import StraightenConfig, make_pairs, straighten
 
@@ -68,6 +71,27 @@ def train(pair_store, schedule, lora: int, out: Path | None, iterations: int = 4
     return straighten(field(), pair_store, schedule, config(lora, iterations), out, False, callback)
 
 
+def evaluate(scheds, out: Path) -> dict:
+    """Reference solve, evaluation, teacher endpoints and a short sampler learning (5 noises: an
+    uneven split)."""
+    z = noise("eval").take(5)
+    reference = reference_solve(field(), z, steps=20)
+    entries = [EvalEntry("bellman", field(), scheds[k], "euler") for k in (2, 3)]
+    records, samples = evaluate_methods(entries, z, reference, None, None)
+    teacher = teacher_endpoints(field(), z, steps=8, batch_size=2, cache=out / "teacher.pt")
+    learned = learn_sampler(
+        field(), z, teacher, 2, LearnConfig(iterations=3, batch_size=2, holdout=2, eval_every=1),
+        init=scheds[2], out_dir=out / "learn",
+    )  # fmt: skip
+    return {
+        "reference": reference,
+        "mse": [r.mse_to_reference for r in records],
+        "samples": samples[("bellman", 2)],
+        "teacher": teacher,
+        "learned": learned.sampler.to_dict(),
+    }
+
+
 def run_all(out: Path) -> dict:
     """Cost matrix, schedules, pairs, full and LoRA straightening: what the test compares."""
     cost, scheds = schedules(out)
@@ -80,6 +104,7 @@ def run_all(out: Path) -> dict:
         "pairs": store.states[:],
         "shards": store.manifest["shards"],
     }
+    result.update(evaluate(scheds, out))
     for lora in (0, 2):
         r = train(store, scheds[2], lora, None)
         result[f"weights_{lora}"] = {k: v.clone() for k, v in r.module.state_dict().items()}

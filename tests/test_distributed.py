@@ -97,6 +97,12 @@ def test_two_ranks_match_one_process(tmp_path):
     assert two["schedules"] == one["schedules"]
     assert torch.equal(two["pairs"], one["pairs"])
     assert two["shards"] == one["shards"]  # the same shard files as one process writes
+    # reference solves, evaluation and teacher endpoints split 3 + 2, gathered in sample order
+    for key in ("reference", "samples", "teacher"):
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two["mse"], one["mse"], rtol=1e-4)
+    assert two["learned"]["solver"] == one["learned"]["solver"]
+    np.testing.assert_allclose(two["learned"]["times"], one["learned"]["times"], rtol=1e-4)
     for lora in (0, 2):
         assert max_rel(two[f"weights_{lora}"], one[f"weights_{lora}"]) <= 1e-4
         assert not any(k.startswith("module.") for k in two[f"weights_{lora}"])

@@ -1264,7 +1264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import distributed
 
     try:
-        # torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints and locks --out
+        # torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints
         if distributed.init_from_env(getattr(args, "device", None)) and distributed.rank() > 0:
             import os
 
@@ -1274,10 +1274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             command = " ".join(["bossflow", *(sys.argv[1:] if argv is None else argv)])
             # checked and created before the lock; removed again if the run fails and leaves it empty
-            with _output_dir(args.out) as out:
-                lock = output_lock(out, command[:200])  # rank 0's; the others share the folder
-                with lock if distributed.is_rank_zero() else contextlib.nullcontext():
-                    return int(args.func(args) or 0)
+            with _output_dir(args.out) as out, output_lock(out, command[:200]):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except BossflowError as err:
         if distributed.report_failure(err):  # one message per job, from the rank that failed

@@ -23,7 +23,7 @@ import datetime
 import os
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,8 @@ __all__ = [
     "report_failure",
     "fail_together",
     "rank_label",
+    "map_rows",
+    "cond_rows",
 ]
 
 # Keys in the process group's store (a PrefixStore of the default group: one namespace per run).
@@ -102,8 +104,8 @@ def rank_label() -> str:
 def init_from_env(device: str | None = None) -> bool:
     """Initialise the default process group from torchrun's environment when ``WORLD_SIZE > 1``.
 
-    Backend: ``nccl`` when CUDA is used (``device`` starting with ``cuda``, or ``None`` and CUDA
-    available), ``gloo`` otherwise; on CUDA each process takes device ``LOCAL_RANK``
+    Backend: ``nccl`` when CUDA is used (``device`` starting with ``cuda``, or ``None`` / ``"auto"``
+    and CUDA available), ``gloo`` otherwise; on CUDA each process takes device ``LOCAL_RANK``
     (``torch.cuda.set_device``), so ``"cuda"`` means that device from then on.
 
     Returns:
@@ -129,7 +131,8 @@ def init_from_env(device: str | None = None) -> bool:
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; launch with "
             "torchrun --nproc_per_node=N -m bossflow ..., or unset WORLD_SIZE"
         )
-    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    auto = device is None or str(device) == "auto"
+    cuda = torch.cuda.is_available() if auto else str(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
@@ -332,3 +335,31 @@ def split_range(total: int) -> range:
     base, extra = divmod(total, n)
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
+
+
+def map_rows(fn: Callable[[range], Tensor], total: int, device: torch.device | str) -> Tensor:
+    """``fn(rows)`` for every row of ``range(total)``, the rows split over the processes.
+
+    Each rank calls ``fn`` once on its :func:`split_range` block (not at all if the block is
+    empty); the (rows, ...) results are gathered in rank order, so every rank gets the
+    (total, ...) tensor one process would compute with ``fn(range(total))``, on ``device``.
+    """
+    if not is_distributed():
+        return fn(range(total))
+    block = split_range(total)
+    part = None
+    with fail_together():  # the other ranks wait in the gather below
+        if len(block):
+            part = fn(block).detach().cpu()
+    parts = [p for p in all_gather_object(part) if p is not None]
+    return torch.cat(parts).to(device)
+
+
+def cond_rows(cond: dict[str, Tensor] | None, rows: range, total: int) -> dict[str, Tensor] | None:
+    """The conditioning of ``rows`` out of ``total`` samples (a (1, ...) tensor is shared)."""
+    if cond is None:
+        return None
+    return {
+        k: v if v.shape[0] == 1 and total != 1 else v[rows.start : rows.stop]
+        for k, v in cond.items()
+    }

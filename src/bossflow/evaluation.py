@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from . import distributed as dist
 from .errors import BossflowError
 from .field import NFECounter, VelocityField
 from .metrics import EvalRecord, _check_method, evaluate_samples
@@ -99,7 +100,16 @@ def evaluate_methods(
     for entry in entries:
         counter = NFECounter(entry.field)
         start = time.perf_counter()
-        x = sample(counter, noise, entry.schedule, solver=entry.solver, cond=cond)
+        if dist.is_distributed():  # each process samples its block of noises; all get all
+
+            def block(r: range, e: EvalEntry = entry, c: NFECounter = counter) -> Tensor:
+                rows = dist.cond_rows(cond, r, noise.shape[0])
+                return sample(c, noise[r.start : r.stop], e.schedule, solver=e.solver, cond=rows)
+
+            x = dist.map_rows(block, noise.shape[0], noise.device)
+            counter.nfe = max(dist.all_gather_object(counter.nfe))  # 0 where a rank had no rows
+        else:
+            x = sample(counter, noise, entry.schedule, solver=entry.solver, cond=cond)
         wall = time.perf_counter() - start
         if counter.nfe != entry.nfe:  # a field that calls itself, or a solver that lies
             raise BossflowError(

@@ -172,7 +172,8 @@ def output_lock(folder: str | os.PathLike, what: str = "bossflow") -> Iterator[P
     releases it when the process ends, however it ends, so a killed run never blocks the next one.
     On taking it, temporary files that killed writes left in the folder are removed
     (:func:`remove_stale_temporaries`). Taking it again in the same process is a no-op; where the
-    platform or file system has no ``flock``, nothing is locked.
+    platform or file system has no ``flock``, nothing is locked. In a multi-process run
+    (torchrun) rank 0 takes the lock and the other ranks share it.
 
     Args:
         folder: the output folder (created if needed).
@@ -186,6 +187,11 @@ def output_lock(folder: str | os.PathLike, what: str = "bossflow") -> Iterator[P
             the lock file cannot be created.
     """
     path = ensure_dir(folder)
+    from .distributed import is_rank_zero
+
+    if not is_rank_zero():  # a multi-process run: rank 0 holds the lock for all its processes
+        yield path
+        return
     try:
         import fcntl
     except ImportError:  # not POSIX: no advisory locks, run unlocked

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist
 from .errors import CheckpointError, ConfigError
 from .field import Guided, VelocityField, guidance_identity
 from .io import ensure_dir
@@ -194,24 +195,39 @@ def teacher_endpoints(
         identity["cond"] = cond_fingerprint(take_cond(range(0, 1)))
     if isinstance(field, Guided):
         identity["guidance"] = guidance_identity(field)
-    if cache is not None and Path(cache).exists():
-        state = load_state(cache, TEACHER_FORMAT)
-        if state.get("identity") != identity:
-            raise CheckpointError(
-                f"{cache} holds teacher endpoints of another model, noise, solver or step count; "
-                "delete it to recompute, or use another folder"
-            )
-        return state["endpoints"].to(device=noise.device, dtype=noise.dtype)
-    out = torch.empty_like(noise)
-    bar = progress_bar(total=noise.shape[0], desc="teacher", unit="traj", enabled=progress)
-    try:
-        for a in range(0, noise.shape[0], batch_size):
-            rows = slice(a, a + batch_size)
-            c = take_cond(range(a, min(a + batch_size, noise.shape[0])))
-            out[rows] = sample(field, noise[rows], uniform(steps), solver=solver, cond=c)
-            bar.update(out[rows].shape[0])
-    finally:
-        bar.close()
+    # several processes: rank 0 reads and checks the cache, the others get what it found
+    found = None
+    if cache is not None and dist.is_rank_zero() and Path(cache).exists():
+        with dist.fail_together():
+            state = load_state(cache, TEACHER_FORMAT)
+            if state.get("identity") != identity:
+                raise CheckpointError(
+                    f"{cache} holds teacher endpoints of another model, noise, solver or step "
+                    "count; delete it to recompute, or use another folder"
+                )
+            found = state["endpoints"]
+    found = dist.broadcast_object(found)
+    if found is not None:
+        return found.to(device=noise.device, dtype=noise.dtype)
+
+    def solve(block: range) -> Tensor:  # the endpoints of noises `block`, in batches
+        part = torch.empty_like(noise[block.start : block.stop])
+        bar = progress_bar(
+            total=len(block), desc="teacher", unit="traj", enabled=progress and dist.is_rank_zero()
+        )
+        try:
+            for a in range(block.start, block.stop, batch_size):
+                rows = range(a, min(a + batch_size, block.stop))
+                c = take_cond(rows)
+                x = sample(field, noise[a : rows.stop], uniform(steps), solver=solver, cond=c)
+                part[a - block.start : rows.stop - block.start] = x
+                bar.update(len(rows))
+        finally:
+            bar.close()
+        return part
+
+    # split over the processes of a multi-process run, gathered in sample order
+    out = dist.map_rows(solve, int(noise.shape[0]), noise.device)
     if cache is not None:
         save_state(cache, {"format": TEACHER_FORMAT, "identity": identity, "endpoints": out.cpu()})
     return out
@@ -426,13 +442,18 @@ def learn_sampler(
     ckpt_path = None if out_dir is None else ensure_dir(out_dir) / "checkpoint.pt"
     iteration, history, wall_s, stale = 0, [], 0.0, 0
     best = None
-    if ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-        if ckpt.get("identity") != identity:
-            raise CheckpointError(
-                f"{ckpt_path} was made by another sampler-learning run (other settings, budget, "
-                "initial times or teacher); delete it or use another folder"
-            )
+    # several processes: rank 0 reads and checks the checkpoint, the others get what it read
+    ckpt = None
+    if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
+        with dist.fail_together():
+            ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
+            if ckpt.get("identity") != identity:
+                raise CheckpointError(
+                    f"{ckpt_path} was made by another sampler-learning run (other settings, "
+                    "budget, initial times or teacher); delete it or use another folder"
+                )
+    ckpt = dist.broadcast_object(ckpt)
+    if ckpt is not None:
         with torch.no_grad():
             theta.copy_(ckpt["theta"])
             if phi is not None:
@@ -475,7 +496,7 @@ def learn_sampler(
             }
         bar = progress_bar(
             total=config.iterations, initial=iteration, desc=f"learn {config.solver} NFE {nfe}",
-            enabled=progress,
+            enabled=progress and dist.is_rank_zero(),
         )  # fmt: skip
         running, count = 0.0, 0
         try:

@@ -261,9 +261,28 @@ def reference_solve(
     ``"dopri5"`` uses ``torchdiffeq`` (extra ``ode``) at the given tolerances; the others are
     :func:`sample` on the uniform grid of ``steps`` intervals. ``cond`` as in :func:`sample`.
 
+    In a multi-process run (torchrun) the B noises are split over the processes and the
+    endpoints gathered: every process gets all B.
+
     Returns:
         (B, ...) states at t = 1, dtype and device of ``noise``.
     """
+    from .distributed import cond_rows, is_distributed, map_rows
+
+    if is_distributed():
+        b = noise.shape[0]
+        return map_rows(
+            lambda r: _reference_solve(
+                field, noise[r.start : r.stop], method, steps, rtol, atol, cond_rows(cond, r, b)
+            ),
+            b,
+            noise.device,
+        )
+    return _reference_solve(field, noise, method, steps, rtol, atol, cond)
+
+
+def _reference_solve(field, noise, method, steps, rtol, atol, cond) -> Tensor:
+    """:func:`reference_solve` in this process."""
     if method == "dopri5":
         from .errors import require
 
