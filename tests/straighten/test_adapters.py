@@ -1,6 +1,7 @@
 """LoRA straightening exports that peft and diffusers load; merged weights without prefixes.
 
-Tiny random-weight diffusers models (no downloads). A LoRA run's adapter, saved by
+Tiny random-weight diffusers models (no downloads), straightened with per-sample conditioning
+(``cond=``: a class label per noise, a prompt embedding per noise). A LoRA run's adapter, saved by
 ``save_straightened``, must reproduce the straightened network through
 ``PeftModel.from_pretrained``, ``load_lora_adapter`` and a pipeline's ``load_lora_weights``; the
 merged file must load strictly into the bare network.
@@ -16,12 +17,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from bossflow import sample
 from bossflow.errors import ConfigError
 from bossflow.field import DiffusersField, RectifiedFlowField
 from bossflow.noise import NoiseSource
 from bossflow.schedule import uniform
 from bossflow.spec import LoadedModel, load_finetuned
-from bossflow.straighten import StraightenConfig, make_pairs, save_straightened, straighten
+from bossflow.straighten import (
+    PairStore,
+    StraightenConfig,
+    eval_interval_error,
+    make_pairs,
+    save_straightened,
+    straighten,
+)
 from bossflow.straighten.adapters import lora_target_names, raw_network
 
 from . import TinyConvField
@@ -39,7 +48,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-B = 4  # every batch (pairs, training, held-out) has B rows: the static conditioning has B rows
+B = 4  # rows per batch (pairs, training, held-out); the runs use 3 B noises, the last B held out
 
 
 def tiny_unet() -> torch.nn.Module:
@@ -63,19 +72,59 @@ def tiny_sd3() -> torch.nn.Module:
     ).eval()  # fmt: skip
 
 
-def lora_run(field, shape, root, out_dir=None, **overrides):
-    """A short BOSS LoRA straightening of ``field`` on 3 B pairs (the last B held out)."""
+def tiny_cross_attention_unet() -> torch.nn.Module:
+    """A UNet2DConditionModel (SD's UNet) on 4x8x8 latents, cross-attending to 16-d text, 29k."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        norm_num_groups=4, attention_head_dim=4,
+    ).eval()  # fmt: skip
+
+
+def lora_run(field, shape, root, out_dir=None, cond=None, **overrides):
+    """A short BOSS LoRA straightening of ``field`` on 3 B pairs (the last B held out).
+
+    ``cond``: per-sample conditioning, (3 B, ...) tensors, row m with noise m, for both the pairs
+    and the training.
+    """
     schedule = uniform(2)
     pairs = make_pairs(
         field, NoiseSource(shape, seed=0), schedule, root / "pairs", fine_grid=4, samples=3 * B,
-        batch_size=B,
+        batch_size=B, cond=cond,
     )  # fmt: skip
     settings = dict(
         iterations=6, batch_size=B, lr=1e-2, warmup=1, ema_decay=0.9, eval_every=3, holdout=B,
         eval_batch_size=B, lora_rank=2,
     )  # fmt: skip
     config = StraightenConfig(**{**settings, **overrides})
-    return straighten(field, pairs, schedule, config, out_dir, progress=False)
+    return straighten(field, pairs, schedule, config, out_dir, progress=False, cond=cond)
+
+
+def check_per_sample_cond(field, shape, root, result, cond):
+    """Each noise's pairs and held-out errors use its own conditioning row.
+
+    The stored end states are the fine 4-step Euler solve of every noise with its own row (the
+    whole batch at once here, B rows per batch in ``make_pairs``; with the rows shifted by one they
+    differ by 0.4 to 0.8); the held-out errors the run recorded are those measured here with each
+    noise's row; another assignment of the rows is refused.
+    """
+    pairs = PairStore.open(root / "pairs")
+    noise = NoiseSource(shape, seed=0).take(3 * B)
+    want = sample(field, noise, uniform(4), cond=cond)
+    got = pairs.states[:][:, -1].to(want.dtype)
+    scale = float(want.abs().max())
+    assert (got - want).abs().max() <= 1e-5 * scale  # batch-size GEMM rounding only
+    held = result.heldout_indices
+    before = eval_interval_error(field, pairs, uniform(2), held, cond=cond)
+    after = eval_interval_error(result.module, pairs, uniform(2), held, cond=cond)
+    # the run's held-out records (base weights, then the returned ones, unmerged LoRA) are these
+    assert result.history[0]["heldout_loss"] == pytest.approx(before, rel=1e-6)
+    assert result.history[-1]["heldout_loss"] == pytest.approx(after, rel=1e-5)
+    shuffled = {k: v.roll(1, 0) for k, v in cond.items()}
+    with pytest.raises(ConfigError, match="other conditioning"):
+        eval_interval_error(field, pairs, uniform(2), held, cond=shuffled)
 
 
 def check_merged_is_base_plus_adapter(result, base):
@@ -86,7 +135,9 @@ def check_merged_is_base_plus_adapter(result, base):
     for name in result.lora.target_modules:
         a = result.lora.state[f"{name}.lora_A.weight"]
         b = result.lora.state[f"{name}.lora_B.weight"]
-        want = original[name].weight + scale * (b @ a)
+        # Linear: B A; Conv2d (A a k x k conv to r channels, B a 1 x 1 conv): the same, reshaped
+        weight = original[name].weight
+        want = weight + scale * (b.flatten(1) @ a.flatten(1)).view_as(weight)
         torch.testing.assert_close(merged[name].weight, want, rtol=0, atol=1e-6)
 
 
@@ -105,10 +156,11 @@ def check_loaded_adapter(module, result):
 
 
 def test_conditional_unet_lora_loads_through_peft_and_merged_strictly(tmp_path):
-    label = torch.tensor([2])  # one label, broadcast over every row by the class embedding
+    cond = {"class_labels": torch.arange(3 * B) % 3}  # noise m: label m mod 3
     base = tiny_unet()
-    field = DiffusersField(base, model_kwargs={"class_labels": label})
-    result = lora_run(field, (1, 8, 8), tmp_path)
+    field = DiffusersField(base)
+    result = lora_run(field, (1, 8, 8), tmp_path, cond=cond)
+    check_per_sample_cond(field, (1, 8, 8), tmp_path, result, cond)
 
     # default targets on a diffusers UNet: the attention projections only
     assert result.lora.target_modules[:4] == [
@@ -154,11 +206,13 @@ def test_conditional_unet_lora_loads_through_peft_and_merged_strictly(tmp_path):
 
 def test_sd3_lora_loads_through_peft_diffusers_and_a_pipeline(tmp_path):
     gen = torch.Generator().manual_seed(3)
-    cond = {"encoder_hidden_states": torch.randn(B, 3, 16, generator=gen)}
-    cond["pooled_projections"] = torch.randn(B, 8, generator=gen)
+    # a prompt embedding per noise (3 B noises), as the text encoders would give
+    cond = {"encoder_hidden_states": torch.randn(3 * B, 3, 16, generator=gen)}
+    cond["pooled_projections"] = torch.randn(3 * B, 8, generator=gen)
     base = tiny_sd3()
-    field = DiffusersField(base, model_kwargs=cond, sample_keyword="hidden_states")
-    result = lora_run(field, (4, 8, 8), tmp_path)
+    field = DiffusersField(base, sample_keyword="hidden_states")
+    result = lora_run(field, (4, 8, 8), tmp_path, cond=cond)
+    check_per_sample_cond(field, (4, 8, 8), tmp_path, result, cond)
 
     names = {n.removeprefix("transformer_blocks.0.") for n in result.lora.target_modules}
     attention = {f"attn.{s}" for s in ("to_q", "to_k", "to_v", "to_out.0")}
@@ -180,7 +234,8 @@ def test_sd3_lora_loads_through_peft_diffusers_and_a_pipeline(tmp_path):
     assert metadata["transformer.r"] == 2 and metadata["transformer.lora_alpha"] == 2.0
 
     x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    call = dict(cond, timestep=torch.tensor([999.0, 700.0, 300.0, 10.0]))
+    call = {k: v[:B] for k, v in cond.items()}  # the first B prompts
+    call["timestep"] = torch.tensor([999.0, 700.0, 300.0, 10.0])
     with torch.no_grad():
         want = result.module.network(hidden_states=x, **call).sample
         assert (want - tiny_sd3()(hidden_states=x, **call).sample).abs().max() > 1e-3
@@ -201,6 +256,52 @@ def test_sd3_lora_loads_through_peft_diffusers_and_a_pipeline(tmp_path):
             check_loaded_adapter(loaded, result)
             got = loaded(hidden_states=x, **call).sample
             # measured: 4.8e-7 at outputs of size 2.0 (unmerged vs merged float32 rounding)
+            assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
+
+
+def test_cross_attention_unet_lora_loads_with_the_unet_prefix_and_through_a_pipeline(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    cond = {"encoder_hidden_states": torch.randn(3 * B, 3, 16, generator=gen)}  # per noise
+    base = tiny_cross_attention_unet()
+    field = DiffusersField(base)  # sample positional, timestep 1000 sigma
+    result = lora_run(field, (4, 8, 8), tmp_path, cond=cond)
+    check_per_sample_cond(field, (4, 8, 8), tmp_path, result, cond)
+    assert result.lora.component == "unet"
+    # 4 transformer blocks: proj_in, self- and cross-attention q, k, v, out, ff (2), proj_out
+    assert len(result.lora.target_modules) == 4 * 12
+    check_merged_is_base_plus_adapter(result, base)
+
+    path = save_straightened(result, tmp_path / "out" / "model.safetensors")
+    lora_dir = tmp_path / "out" / "model-lora"
+    with safe_open(lora_dir / "pytorch_lora_weights.safetensors", "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not a mapping)
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert len(keys) == len(result.lora.state) and all(k.startswith("unet.") for k in keys)
+    assert metadata["unet.r"] == 2
+
+    x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    timestep = torch.tensor([999.0, 700.0, 300.0, 10.0])
+    text = cond["encoder_hidden_states"][:B]
+    with torch.no_grad():
+        want = result.module.network(x, timestep, encoder_hidden_states=text).sample
+        before = tiny_cross_attention_unet()(x, timestep, encoder_hidden_states=text).sample
+        assert (want - before).abs().max() > 1e-3  # it trained
+        bare = tiny_cross_attention_unet()
+        bare.load_state_dict(load_file(path), strict=True)
+        assert torch.equal(bare(x, timestep, encoder_hidden_states=text).sample, want)
+
+        by_peft = peft.PeftModel.from_pretrained(tiny_cross_attention_unet(), lora_dir)
+        by_model = tiny_cross_attention_unet()
+        by_model.load_lora_adapter(lora_dir, prefix="unet", use_safetensors=True)
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=tiny_cross_attention_unet(),
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.load_lora_weights(lora_dir)  # the unet. keys; no text encoder here
+        for loaded in (by_peft, by_model, pipe.unet):
+            check_loaded_adapter(loaded, result)
+            got = loaded(x, timestep, encoder_hidden_states=text).sample
             assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
 
 
