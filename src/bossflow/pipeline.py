@@ -29,7 +29,7 @@ __all__ = ["DemoConfig", "run_demo", "OffsetNoise", "STAGE_OFFSETS", "evaluate_m
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo. The defaults are the full demo (about 9 minutes on 2 CPU cores).
+    """Sizes of the demo. The defaults are the full demo (about 5 minutes on 2 CPU cores).
 
     Attributes:
         seed: seeds every noise and every training run.
