@@ -310,14 +310,9 @@ def sampler_error(
 
     ``cond``: per-sample conditioning of the noises (dict of (M, ...) tensors or callable).
     """
-    metric = metric or _mse
-    take_cond = cond_reader(cond, int(noise.shape[0]), "sampler_error")
-    total = 0.0
-    with torch.no_grad():
-        for a in range(0, noise.shape[0], batch_size):
-            c = take_cond(range(a, min(a + batch_size, noise.shape[0])))
-            x = sample(field, noise[a : a + batch_size], sampler, cond=c)
-            total += float(metric(x, teacher[a : a + batch_size]).double().sum())
+    errors = sampler_errors(field, noise, teacher, sampler, metric, batch_size, cond)
+    # summed batch by batch, as the per-batch values are produced
+    total = sum(float(errors[a : a + batch_size].sum()) for a in range(0, len(errors), batch_size))
     return total / noise.shape[0]
 
 
