@@ -6,6 +6,7 @@ test compares into ``OUT`` (rank 0) and, for replicated weights, one file per ra
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,8 +50,9 @@ def pairs(out: Path, scheds):
     )
 
 
-def config(lora: int, iterations: int = 4) -> StraightenConfig:
+def config(lora: int, iterations: int = 4, sharding: str = "ddp") -> StraightenConfig:
     return StraightenConfig(
+        sharding=sharding,
         iterations=iterations,
         batch_size=4,
         warmup=2,
@@ -63,12 +65,21 @@ def config(lora: int, iterations: int = 4) -> StraightenConfig:
     )
 
 
-def train(pair_store, schedule, lora: int, out: Path | None, iterations: int = 4, stop=None):
+def train(
+    pair_store,
+    schedule,
+    lora: int,
+    out: Path | None,
+    iterations: int = 4,
+    stop=None,
+    sharding="ddp",
+):
     def callback(info):
         if stop is not None and info["iteration"] == stop:
             raise Stop(f"stopped at iteration {stop}")
 
-    return straighten(field(), pair_store, schedule, config(lora, iterations), out, False, callback)
+    conf = config(lora, iterations, sharding)
+    return straighten(field(), pair_store, schedule, conf, out, False, callback)
 
 
 def evaluate(scheds, out: Path) -> dict:
@@ -124,6 +135,20 @@ def main() -> None:
             result["adapters_by_rank"] = dist.all_gather_object(result["lora_adapters"])
             if dist.is_rank_zero():
                 torch.save(result, out / "result.pt")
+        elif scenario == "fsdp":  # sharded full fine-tuning; then a run killed after a checkpoint
+            _, scheds = schedules(out)
+            store = pairs(out, scheds)
+            runs = {s: train(store, scheds[2], 0, None, sharding=s) for s in ("fsdp", "ddp")}
+            if dist.is_rank_zero():
+                torch.save(
+                    {
+                        s: {"weights": dict(r.module.state_dict()), "history": r.history}
+                        for s, r in runs.items()
+                    },
+                    out / "fsdp.pt",
+                )
+            with contextlib.suppress(Stop):
+                train(store, scheds[2], 0, out / "train", 9, stop=4, sharding="fsdp")
         elif scenario == "resume":  # straighten up to iteration `stop`, then die
             stop = int(sys.argv[3])
             _, scheds = schedules(out)

@@ -78,6 +78,27 @@ def test_world_size_without_torchrun_variables_is_one_clear_error(monkeypatch):
         dist.init_from_env()
 
 
+def test_sharding_options_on_one_process(tmp_path, capsys):
+    from bossflow.cli import main
+    from bossflow.errors import ConfigError
+    from bossflow.straighten import StraightenConfig
+
+    with pytest.raises(ConfigError, match='use sharding="ddp"'):
+        StraightenConfig(sharding="fsdp", lora_rank=2).check()
+    with pytest.raises(ConfigError, match="unknown sharding 'zero3'"):
+        StraightenConfig(sharding="zero3").check()
+    # one process: nothing to shard, the same run
+    _, scheds = worker.schedules(tmp_path)
+    store = worker.pairs(tmp_path, scheds)
+    a = worker.train(store, scheds[2], 0, None, sharding="fsdp")
+    b = worker.train(store, scheds[2], 0, None)
+    assert max_rel(a.module.state_dict(), b.module.state_dict()) == 0
+    scheds[2].save(tmp_path / "s.json")
+    args = ["straighten", "--sharding", "fsdp", "--lora-rank", "2", "--schedule"]
+    assert main([*args, str(tmp_path / "s.json"), "--out", str(tmp_path / "x")]) == 2
+    assert 'use sharding="ddp"' in capsys.readouterr().err
+
+
 # -- two ranks ---------------------------------------------------------------------------------------
 
 
@@ -142,6 +163,32 @@ def test_killed_at_two_ranks_resumes_at_one_then_two(tmp_path):
     shutil.copytree(out / "pairs", tmp_path / "ref" / "pairs")
     whole = worker.train(store, scheds[2], 2, tmp_path / "ref" / "train", 9)
     assert max_rel(resumed, whole.module.state_dict()) <= 1e-4
+
+
+def test_fsdp_sharded_full_fine_tuning_is_the_ddp_run_and_resumes_unsharded(tmp_path):
+    """FSDP2 over 2 ranks is the same optimisation as DDP over 2 ranks (to float rounding), its
+    checkpoint holds plain full tensors, and one unsharded process resumes it."""
+    out = tmp_path / "run"
+    run = torchrun(str(HERE / "dist_worker.py"), "fsdp", str(out), cwd=tmp_path, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(out / "fsdp.pt", weights_only=False)
+    fsdp, ddp = two["fsdp"], two["ddp"]
+    assert max_rel(fsdp["weights"], ddp["weights"]) <= 1e-6  # measured: 0 (bit for bit)
+    assert [h["heldout_loss"] for h in fsdp["history"]] == pytest.approx(
+        [h["heldout_loss"] for h in ddp["history"]], rel=1e-6
+    )
+    assert max_rel(fsdp["weights"], worker.field().state_dict()) > 1e-3  # it trained
+    ckpt = torch.load(out / "train" / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == 3
+    assert all(type(v) is torch.Tensor for v in ckpt["model"].values())  # no DTensor shards
+    assert all(type(v) is torch.Tensor for v in ckpt["ema"].values())
+    assert sorted(ckpt["optimizer"]["state"]) == list(range(len(ckpt["ema"])))  # plain layout
+    _, scheds = worker.schedules(out)
+    store = worker.pairs(out, scheds)
+    resumed = worker.train(store, scheds[2], 0, out / "train", 9)  # one process, not sharded
+    assert resumed.iterations == 9 and resumed.history[-1]["iteration"] == 9
+    whole = worker.train(store, scheds[2], 0, None, 9)
+    assert max_rel(resumed.module.state_dict(), whole.module.state_dict()) <= 1e-4  # 5.7e-5
 
 
 _FAILING_MODULE = """\

@@ -779,6 +779,7 @@ def _straighten_config(args: argparse.Namespace):
         eval_every=max(1, args.iterations // 20),
         checkpoint_every=args.checkpoint_every,
         guidance=args.guidance_mode,
+        sharding=args.sharding,
     )
     config.check()
     return config
@@ -910,7 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .schedule import SCHEDULES
     from .solvers import SOLVERS
     from .straighten import OBJECTIVES, StraightenConfig
-    from .straighten.train import GUIDANCE
+    from .straighten.train import GUIDANCE, SHARDING
 
     parser = _Parser(
         prog="bossflow",
@@ -1137,6 +1138,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers that get LoRA adapters: names or name suffixes, comma-separated (e.g. "
         "to_q,to_k,to_v,to_out.0); default: the attention, projection and feed-forward linears "
         "of a diffusers model, every Linear and Conv2d of any other",
+    )
+    p.add_argument(
+        "--sharding",
+        choices=list(SHARDING),
+        default=lib.sharding,
+        help="under torchrun, full fine-tuning: ddp (every process holds the model) or fsdp "
+        "(FSDP2: weights, gradients, Adam moments and EMA split over the processes, for models "
+        "whose training state does not fit one device); LoRA runs use ddp",
     )
     p.add_argument(
         "--guidance-mode",

@@ -62,6 +62,7 @@ from ..training import (
     random_rows,
     save_state,
 )
+from . import sharding
 from .adapters import (
     LoraAdapter,
     is_diffusers_model,
@@ -89,6 +90,9 @@ SELECT = ("last", "best")
 #: the network under guidance (the student is guided too, 2B rows per evaluation); ``distill``
 #: trains the bare network to give the guided velocity in one pass (B rows, no guidance after).
 GUIDANCE = ("keep", "distill")
+#: How several processes share a full fine-tuning: ``ddp`` replicates the model, ``fsdp`` shards
+#: weights, gradients, optimizer state and EMA over them (FSDP2, :mod:`.sharding`).
+SHARDING = ("ddp", "fsdp")
 # Config fields that change the training trajectory; a checkpoint made with other values cannot
 # be resumed. (iterations also matters under a cosine schedule, which decays to 0 at the end.)
 _TRAJECTORY_FIELDS = (
@@ -148,6 +152,10 @@ class StraightenConfig:
         guidance: for a guided teacher (:class:`~bossflow.field.Guided`), ``"keep"`` (the
             straightened network is sampled with the same guidance) or ``"distill"`` (it learns
             the guided velocity directly and is sampled without guidance, half the rows).
+        sharding: on several processes, ``"ddp"`` (every process holds the whole model) or
+            ``"fsdp"`` (full fine-tuning only: weights, gradients, Adam moments and the EMA split
+            over the processes, for models whose training state does not fit one device). The
+            same optimisation either way; one process ignores it; checkpoints resume across both.
     """
 
     iterations: int = 1000
@@ -170,6 +178,7 @@ class StraightenConfig:
     amp: bool = False
     eval_batch_size: int = 256
     guidance: str = "keep"
+    sharding: str = "ddp"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on an impossible setting, naming the valid choices."""
@@ -198,9 +207,15 @@ class StraightenConfig:
             ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
             ("select", self.select, SELECT),
             ("guidance", self.guidance, GUIDANCE),
+            ("sharding", self.sharding, SHARDING),
         ):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
+        if self.sharding == "fsdp" and self.lora_rank > 0:
+            raise ConfigError(
+                'sharding="fsdp" is for full fine-tuning; LoRA trains a few adapter weights, '
+                'nothing worth sharding: use sharding="ddp" (the default)'
+            )
         if self.holdout < 0 or (isinstance(self.holdout, float) and self.holdout >= 1.0):
             raise ConfigError(
                 f"holdout must be a fraction in [0, 1) or a count >= 0, got {self.holdout!r}"
@@ -341,10 +356,13 @@ def _heldout_error(
     indices: np.ndarray,
     batch_size: int,
     cond: CondLike | None,
+    split: bool = True,
 ) -> float:
     """:func:`eval_interval_error` on ``indices``, split over the processes of a multi-process run
-    (each takes a contiguous block; the float64 sums are all-reduced)."""
-    if not dist.is_distributed():
+    (each takes a contiguous block; the float64 sums are all-reduced). ``split=False``: every
+    process measures all of them (a sharded model's forward passes are collective, so every
+    process must make the same calls)."""
+    if not dist.is_distributed() or not split:
         return eval_interval_error(field, pairs, schedule, indices, batch_size, cond)
     block = dist.split_range(len(indices))
     total = 0.0
@@ -583,38 +601,67 @@ class _Run:
     schedule, pairs, base weights) that a resumed checkpoint must match.
     """
 
-    def __init__(self, model, params, optimizer, ema, generator, identity):
+    def __init__(self, model, params, optimizer, ema, generator, identity, sharded=False):
         self.model, self.params, self.optimizer = model, params, optimizer
         self.ema, self.generator, self.identity = ema, generator, identity
+        self.sharded = sharded  # FSDP2: parameters, moments and averages are DTensors
         names = {id(p): n for n, p in model.named_parameters()}
         self.param_names = [names[id(p)] for p in params]
         self.state = _TrainingState()
 
-    def save(self, path: Path) -> None:
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint, in plain full tensors whatever the sharding.
+
+        Collective when sharded (every process calls it; rank 0 gets the checkpoint, the others
+        ``None``), so a sharded run's checkpoint resumes on any number of processes.
+        """
         s = self.state
-        ckpt = {
+        if self.sharded:
+            model = sharding.full_model_state(self.model)
+            optimizer = sharding.full_optimizer_state(self.model, self.optimizer, self.param_names)
+            shadow = [sharding.full_tensor(e) for e in self.ema.shadow] if self.ema else []
+            best = s.best
+            if best is not None:
+                best = {**best, "params": [sharding.full_tensor(t) for t in best["params"]]}
+            if not dist.is_rank_zero():
+                return None
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+            shadow, best = self.ema.shadow if self.ema else [], s.best
+        return {
             "format": CHECKPOINT_FORMAT,
             **self.identity,
             "iteration": s.iteration,
-            "model": self.model.state_dict(),
-            "ema": dict(zip(self.param_names, self.ema.shadow, strict=True)) if self.ema else {},
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "ema": dict(zip(self.param_names, shadow, strict=True)) if self.ema else {},
+            "optimizer": optimizer,
             "generator": self.generator.get_state(),
             "history": s.history,
             "running": {"loss_sum": s.loss_sum, "loss_count": s.loss_count},
-            "best": s.best,
+            "best": best,
             "wall_s": s.wall_s,
         }
-        save_state(path, ckpt)
-        atomic_write_text(path.with_name("history.json"), json.dumps(s.history, indent=1))
+
+    def save(self, path: Path, ckpt: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint (``ckpt``, default :meth:`checkpoint`) and ``history.json``."""
+        save_state(path, self.checkpoint() if ckpt is None else ckpt)
+        atomic_write_text(path.with_name("history.json"), json.dumps(self.state.history, indent=1))
 
     def restore(self, ckpt: dict[str, Any], path: Path, device: torch.device) -> None:
         try:
-            self.model.load_state_dict(ckpt["model"])  # strict: every key, no extra one
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.sharded:
+                sharding.load_model_state(self.model, ckpt["model"])
+                sharding.load_optimizer_state(
+                    self.model, self.optimizer, ckpt["optimizer"], self.param_names
+                )
+            else:
+                self.model.load_state_dict(ckpt["model"])  # strict: every key, no extra one
+                self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.ema is not None:
                 for e, name in zip(self.ema.shadow, self.param_names, strict=True):
-                    e.copy_(ckpt["ema"][name])
+                    e.copy_(
+                        sharding.like(ckpt["ema"][name], e) if self.sharded else ckpt["ema"][name]
+                    )
             self.generator.set_state(ckpt["generator"])
         except (KeyError, TypeError, RuntimeError, ValueError) as err:
             raise CheckpointError(
@@ -623,7 +670,10 @@ class _Run:
             ) from None
         best = ckpt["best"]
         if best is not None:
-            best = {**best, "params": [t.to(device) for t in best["params"]]}
+            values = best["params"]
+            if self.sharded:
+                values = [sharding.like(t, p) for t, p in zip(values, self.params, strict=True)]
+            best = {**best, "params": [t.to(device) for t in values]}
         self.state = _TrainingState(
             ckpt["iteration"],
             ckpt["history"],
@@ -729,6 +779,10 @@ def straighten(
         params = list(model.parameters())
     if not params:
         raise ConfigError(f"{type(field_module).__name__} has no parameters to fine-tune")
+    sharded = config.sharding == "fsdp" and dist.is_distributed()
+    if sharded:  # FSDP2, in place: the parameters become shards (DTensors)
+        sharding.shard(model)
+        params = list(model.parameters())
     model.train()
     run = _Run(
         model,
@@ -743,6 +797,7 @@ def straighten(
             "base_fingerprint": base_fingerprint,
             "guidance": guidance,
         },
+        sharded,
     )
     # what the loss sees: the network under the teacher's guidance, or bare (distilled)
     student = model
@@ -761,7 +816,7 @@ def straighten(
     # the forward pass of training: through DDP (gradients averaged over the processes, LoRA
     # adapters included: they are the trainable parameters DDP registers) on several processes
     train_student = student
-    if dist.is_distributed():
+    if dist.is_distributed() and not sharded:  # sharded: FSDP averages the gradients itself
         dist.barrier()  # a rank that failed above is reported here, not inside DDP's set-up
         ddp_class = torch.nn.parallel.DistributedDataParallel
         # buffers are identical on every rank: nothing to send per step (the keyword was renamed)
@@ -784,8 +839,9 @@ def straighten(
         if heldout_idx.size:
             with run.ema.applied() if run.ema is not None else nullcontext():
                 heldout = _heldout_error(
-                    student, pairs, schedule, heldout_idx, config.eval_batch_size, cond
-                )
+                    student, pairs, schedule, heldout_idx, config.eval_batch_size, cond,
+                    split=not sharded,
+                )  # fmt: skip
                 if state.best is None or heldout < state.best["loss"]:
                     snapshot = [p.detach().clone() for p in params]
                     state.best = {"iteration": state.iteration, "loss": heldout, "params": snapshot}
@@ -862,9 +918,10 @@ def straighten(
             ):
                 state.wall_s += time.perf_counter() - start_time
                 start_time = time.perf_counter()
+                ckpt = run.checkpoint()  # collective when sharded
                 if dist.is_rank_zero():
                     with dist.fail_together():
-                        run.save(ckpt_path)
+                        run.save(ckpt_path, ckpt)
                 dist.barrier()  # a failed write stops every process here
     finally:
         bar.close()
@@ -877,6 +934,10 @@ def straighten(
                 p.copy_(value)
     elif run.ema is not None:
         run.ema.copy_to()
+    if sharded:  # gather the shards into a plain module of the input's architecture
+        full = sharding.full_model_state(model, everywhere=True)
+        model = copy.deepcopy(field_module)
+        model.load_state_dict(full)
     lora = None
     if config.lora_rank > 0:
         lora = lora_adapter(model, config.lora_rank, config.lora_alpha)  # before merging
