@@ -67,6 +67,9 @@ def test_prepare_conditioning_cycles_rows_and_guides(cond_module):
     with pytest.raises(ConfigError, match="needs the unconditional inputs"):
         prepare_conditioning(model.field, {}, cond_module / "labels.safetensors", None, 2.0)
     save_file({"other": torch.tensor([3])}, str(cond_module / "bad.safetensors"))
+    save_file({"label": torch.zeros(0, dtype=torch.long)}, str(cond_module / "empty.safetensors"))
+    with pytest.raises(ConfigError, match="'label' has no rows"):
+        prepare_conditioning(model.field, {}, cond_module / "empty.safetensors")
     with pytest.raises(ConfigError, match="--uncond has no 'label'"):
         prepare_conditioning(
             model.field,
@@ -114,6 +117,13 @@ def test_straighten_distill_then_evaluate(cond_module, capsys):
                  "--guidance-mode", "distill", "--out", "st", "--lr", "3e-3"]) == 0  # fmt: skip
     meta = json.loads((cond_module / "st" / "model.json").read_text())
     assert meta["config"]["guidance"] == "distill"
+    assert meta["guidance"] == {"scale": 2.0, "mode": "distill"}
+    # the file says which guidance it was trained under: another scale is refused
+    other = [a if a != "2" else "3" for a in guided]
+    assert main(["sample", *[a for a in other if a != "--quiet"], "--nfe", "2", "--n", "2",
+                 "--finetuned", str(cond_module / "st" / "model.safetensors"),
+                 "--out", "x.png"]) == 2  # fmt: skip
+    assert "straightened under guidance scale 2" in capsys.readouterr().err
     finetuned = str(cond_module / "st" / "model.safetensors")
     assert main(["evaluate", *guided, "--schedule", sched, "--finetuned", finetuned,
                  "--samples", "16", "--reference-steps", "50", "--out", "ev"]) == 0  # fmt: skip

@@ -8,7 +8,7 @@ from torch import nn
 from bossflow import NFECounter, sample
 from bossflow.bellman import bellman_schedules, cost_matrix
 from bossflow.errors import CheckpointError, ConfigError
-from bossflow.field import FlowMatchingField, Guided, TorchCFMField, bind_cond
+from bossflow.field import FlowMatchingField, Guided, TorchCFMField, Unguided, bind_cond
 from bossflow.learn import LearnConfig, learn_sampler, teacher_endpoints
 from bossflow.noise import NoiseSource
 from bossflow.schedule import uniform
@@ -53,7 +53,9 @@ def test_cost_matrix_with_per_sample_labels_does_not_depend_on_the_batch(field):
         cost_matrix(CondField().double(), noise.double(), grid=GRID, batch_size=b, cond=cond).values
         for b in (2, M)
     ]
-    np.testing.assert_allclose(in_float64[0], in_float64[1], rtol=0, atol=1e-12 * in_float64[0].max())
+    np.testing.assert_allclose(
+        in_float64[0], in_float64[1], rtol=0, atol=1e-12 * in_float64[0].max()
+    )
     # brute force: each noise alone, its label bound into the field
     alone = [
         cost_matrix(bind_cond(field, {"class_labels": labels(M)[m : m + 1]}), noise[m : m + 1],
@@ -85,7 +87,7 @@ def test_conditioning_errors_are_one_line(field, tmp_path):
         cost_matrix(field, noise, grid=GRID, cond=labels(M))
     cache = tmp_path / "c.npz"
     cost_matrix(field, noise, grid=GRID, cond={"class_labels": labels(M)}, cache=cache)
-    with pytest.raises(CheckpointError, match="conditioning of sample 0"):
+    with pytest.raises(CheckpointError, match="conditioning \\(first rows\\)"):
         cost_matrix(field, noise, grid=GRID, cond={"class_labels": labels(M) + 1}, cache=cache)
 
 
@@ -147,7 +149,7 @@ def test_straightening_a_guided_field(field, tmp_path, mode):
         assert isinstance(student, Guided) and student.scale == 2.5
         before = eval_interval_error(teacher, pairs, schedule, every, cond=cond)
     else:
-        assert student is result.module
+        assert isinstance(student, Unguided) and student.field is result.module
         before = eval_interval_error(field, pairs, schedule, every, cond=cond)  # bare, unguided
     after = eval_interval_error(student, pairs, schedule, every, cond=cond)
     assert after < 0.7 * before, (before, after)
@@ -292,3 +294,34 @@ def test_torchcfm_class_conditional_unet_schedule_straighten_sample(tmp_path, on
     assert x.shape == (3, 1, 28, 28) and bool(torch.isfinite(x).all())
     before = sample(field, noise.take(3), schedule, cond={"y": torch.tensor([0, 1, 2])})
     assert (x - before).abs().max() > 1e-3  # the straightened weights differ
+
+
+def test_caches_and_stores_tell_other_conditioning_and_guidance_apart(field, tmp_path):
+    noise = NoiseSource((D,), seed=0).take(M)
+    cache = tmp_path / "c.npz"
+    cost_matrix(field, noise, grid=GRID, cond={"class_labels": labels(M)}, cache=cache)
+    # sample 0 agrees (label 0), the other rows do not: still another run
+    with pytest.raises(CheckpointError, match="conditioning"):
+        cost_matrix(field, noise, grid=GRID, cond={"class_labels": torch.tensor([0])}, cache=cache)
+    null = {"class_labels": torch.tensor([4])}
+    cond = {"class_labels": labels(16)}
+    pairs = make_pairs(Guided(field, 3.0, null), NoiseSource((D,), 1), uniform(2), tmp_path / "p",
+                       GRID, 16, cond=cond)  # fmt: skip
+    config = StraightenConfig(iterations=2, batch_size=4, warmup=1)
+    with pytest.raises(ConfigError, match="were made with guidance"):
+        straighten(Guided(field, 2.0, null), pairs, uniform(2), config, progress=False, cond=cond)
+    with pytest.raises(ConfigError, match="were made with guidance"):
+        straighten(field, pairs, uniform(2), config, progress=False, cond=cond)
+
+
+def test_distilling_with_per_sample_unconditional_inputs(field, tmp_path):
+    """The per-sample null inputs feed the guided teacher; the distilled student never sees them."""
+    cond = {"class_labels": labels(16), "uncond.class_labels": torch.full((16,), 4)}
+    teacher = Guided(field, 2.0)
+    pairs = make_pairs(teacher, NoiseSource((D,), 1), uniform(2), tmp_path, GRID, 16, cond=cond)
+    config = StraightenConfig(iterations=4, batch_size=4, warmup=1, guidance="distill")
+    result = straighten(teacher, pairs, uniform(2), config, progress=False, cond=cond)
+    x = sample(result.sampling_field, torch.randn(3, D), uniform(2), cond={
+        k: v[:3] for k, v in cond.items()})  # fmt: skip
+    assert x.shape == (3, D)
+    assert result.teacher_guidance == {"scale": 2.0, "mode": "distill"}

@@ -81,22 +81,39 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     field, z, teacher = spiral
     config = cfg(iterations=30)
     full = learn_sampler(field, z, teacher, 2, config, out_dir=tmp_path / "a")
-    calls = {"n": 0}
 
-    def flaky(x, t):
-        calls["n"] += 1
-        if calls["n"] == 40:
-            raise KeyboardInterrupt
-        return field(x, t)
+    class Flaky(nn.Module):  # the same field (same weights: none), interrupted on call 40
+        calls = 0
+
+        def forward(self, x, t):
+            Flaky.calls += 1
+            if Flaky.calls == 40:
+                raise KeyboardInterrupt
+            return field(x, t)
 
     with pytest.raises(KeyboardInterrupt):
-        learn_sampler(flaky, z, teacher, 2, config, out_dir=tmp_path / "b")
+        learn_sampler(Flaky(), z, teacher, 2, config, out_dir=tmp_path / "b")
     resumed = learn_sampler(field, z, teacher, 2, config, out_dir=tmp_path / "b")
     assert resumed.sampler.times.tobytes() == full.sampler.times.tobytes()
     assert resumed.sampler.scales.tobytes() == full.sampler.scales.tobytes()
     assert resumed.history == full.history
     with pytest.raises(CheckpointError, match="another sampler-learning run"):
         learn_sampler(field, z, teacher, 2, cfg(iterations=30, lr=0.2), out_dir=tmp_path / "b")
+    other = nn.Linear(1, 1)  # another model with the same teacher: not resumed from this one
+
+    def shifted(x, t):
+        return field(x, t) + 0 * other.weight.sum()
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.other = other
+
+        def forward(self, x, t):
+            return shifted(x, t)
+
+    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+        learn_sampler(Other(), z, teacher, 2, config, out_dir=tmp_path / "b")
 
 
 def test_early_stopping_and_the_best_parameters(spiral):

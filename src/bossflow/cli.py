@@ -327,20 +327,37 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
     return model
 
 
-def _conditioning(args: argparse.Namespace, model, guided: bool = True):
+def _conditioning(args: argparse.Namespace, model, recorded: dict | None = None, student=False):
     """The run's field and per-sample conditioning (:func:`prepare_conditioning`) from the options.
 
-    ``guided=False``: the conditioning only, without guidance (a guidance-distilled model).
+    ``recorded``: the guidance a ``--finetuned`` file was straightened under
+    (:func:`_finetuned_guidance`); its scale is the run's (another ``--guidance-scale`` is refused).
+    ``student=True``: the field is the straightened one, which a ``distill`` run samples without
+    guidance (on the same conditioning, less the unconditional inputs).
     """
+    from dataclasses import replace
+
     from .conditioning import prepare_conditioning
+    from .field import Unguided
 
+    scale = args.guidance_scale
+    if recorded is not None:
+        if scale is not None and scale != recorded["scale"]:
+            raise ConfigError(
+                f"{args.finetuned} was straightened under guidance scale {_num(recorded['scale'])}; "
+                f"drop --guidance-scale {_num(scale)} (its teacher, and so its reference, is fixed)"
+            )
+        scale = recorded["scale"]
     run = prepare_conditioning(
-        model.field, model.info, args.cond, args.uncond, args.guidance_scale, _device(args.device)
+        model.field, model.info, args.cond, args.uncond, scale, _device(args.device)
     )
-    if not guided and run.guidance_scale is not None:
-        from dataclasses import replace
-
-        run = replace(run, field=model.field, guidance_scale=None)
+    if student and recorded is not None and recorded["mode"] == "distill":
+        run = replace(
+            run,
+            field=Unguided(model.field),
+            guidance_scale=None,
+            description=f"{run.description} (distilled: sampled without guidance)",
+        )
     return run
 
 
@@ -493,7 +510,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with _output_file(args.out) as out:
         model = _load(args)
         _require_plotting(tuple(model.sample_shape), report=False)
-        run = _conditioning(args, model, guided=_finetuned_guidance(args.finetuned) != "distill")
+        run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
         _log_conditioning(run)
         noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
         cond = run.rows(args.n)
@@ -555,8 +572,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = load_finetuned(copy.deepcopy(base), args.finetuned)
     iterations = _finetuned_iterations(args.finetuned)
     schedules = _schedules_from_args(args)
-    base_run = _conditioning(args, base)
-    run = _conditioning(args, model, guided=_finetuned_guidance(args.finetuned) != "distill")
+    recorded = _finetuned_guidance(args.finetuned)
+    base_run = _conditioning(args, base, recorded)
+    run = _conditioning(args, model, recorded, student=True) if args.finetuned else base_run
     _log_conditioning(base_run)
     # What can be measured and drawn depends on the sample shape only: decided before computing.
     shape = tuple(model.sample_shape)
@@ -670,31 +688,35 @@ def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 
     """:func:`reference_solve` of ``noise`` in chunks, with a progress bar on a terminal."""
     import torch
 
+    from .noise import cond_reader
     from .progress import progress_bar
     from .solvers import reference_solve
 
+    take_cond = cond_reader(cond, noise.shape[0], "the reference solve")
     parts = []
     with progress_bar(
         total=noise.shape[0], desc="reference", unit="noise", enabled=progress
     ) as bar:
         for start in range(0, noise.shape[0], chunk):
-            rows = None if cond is None else {k: v[start : start + chunk] for k, v in cond.items()}
+            rows = take_cond(range(start, min(start + chunk, noise.shape[0])))
             part = reference_solve(field, noise[start : start + chunk], steps=steps, cond=rows)
             parts.append(part)
             bar.update(parts[-1].shape[0])
     return torch.cat(parts)
 
 
-def _finetuned_guidance(path: str | None) -> str | None:
-    """How a straightened file treats guidance (``keep`` / ``distill``), from its JSON."""
+def _finetuned_guidance(path: str | None) -> dict | None:
+    """The guidance a straightened file was trained under, from its JSON: ``{"scale", "mode"}``
+    (``mode`` keep or distill), or ``None`` (unguided, or no readable JSON)."""
     if not path:
         return None
     meta = Path(path).with_suffix(".json")
     try:
-        config = json.loads(meta.read_text()).get("config", {})
+        recorded = json.loads(meta.read_text()).get("guidance")
     except (OSError, ValueError, AttributeError):
         return None
-    return config.get("guidance") if isinstance(config, dict) else None
+    ok = isinstance(recorded, dict) and isinstance(recorded.get("scale"), (int, float))
+    return recorded if ok and recorded.get("mode") in ("keep", "distill") else None
 
 
 def _finetuned_iterations(path: str | None) -> int | None:

@@ -56,11 +56,11 @@ def read_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
         raise ConfigError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
     if not tensors:
         raise ConfigError(f"{what} {path} holds no tensors")
-    flat = [k for k, v in tensors.items() if v.ndim == 0]
+    flat = [k for k, v in tensors.items() if v.ndim == 0 or v.shape[0] == 0]
     if flat:
         raise ConfigError(
-            f"{what} {path}: {flat[0]!r} is a 0-dim tensor; give it a first dimension of rows "
-            "(1 row is shared by every sample)"
+            f"{what} {path}: {flat[0]!r} has no rows (shape {tuple(tensors[flat[0]].shape)}); "
+            "give it a first dimension of rows (1 row is shared by every sample)"
         )
     return tensors
 

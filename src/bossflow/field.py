@@ -37,6 +37,8 @@ __all__ = [
     "bind_cond",
     "check_cond",
     "guidance_identity",
+    "strip_uncond",
+    "Unguided",
 ]
 
 
@@ -467,16 +469,24 @@ class Guided(nn.Module):
                     f"guidance has no unconditional value for {name!r}: give uncond={{{name!r}: "
                     f"...}} or per-sample {self.PREFIX + name!r} in the conditioning"
                 )
-            c = _rows_for(value, batch, name, "guidance")
-            u = _rows_for(null.to(device=c.device), batch, f"the unconditional {name}", "guidance")
+            if null.device != x.device:  # moved once, not on every evaluation
+                null = null.to(x.device)
+                if name not in per_sample:
+                    self.uncond[name] = null
+            c = _rows_for(value.to(x.device), batch, name, "guidance")
+            u = _rows_for(null, batch, f"the unconditional {name}", "guidance")
             both[name] = torch.cat([u.to(c.dtype), c])
         v = self.field(torch.cat([x, x]), torch.cat([t, t]), **both)
         v_u, v_c = v.chunk(2)
         return v_u + self.scale * (v_c - v_u)
 
 
-def check_cond(cond: dict[str, Tensor] | None, batch: int, where: str) -> dict[str, Tensor] | None:
+def check_cond(
+    cond: dict[str, Tensor] | None, batch: int, where: str, device: Any = None
+) -> dict[str, Tensor] | None:
     """Validate conditioning for a batch of ``batch`` samples; (1, ...) tensors are broadcast.
+
+    ``device``: move the tensors there (the states' device), so CPU labels serve a CUDA model.
 
     Raises:
         ConfigError: not a mapping of names to tensors, or a first dimension other than 1 or B.
@@ -488,7 +498,33 @@ def check_cond(cond: dict[str, Tensor] | None, batch: int, where: str) -> dict[s
             f"{where}: cond must be a dict of conditioning tensors by keyword, got "
             f"{type(cond).__name__}"
         )
-    return {k: _rows_for(v, batch, f"cond[{k!r}]", where) for k, v in cond.items()} or None
+    out = {k: _rows_for(v, batch, f"cond[{k!r}]", where) for k, v in cond.items()}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out or None
+
+
+def strip_uncond(cond: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``cond`` without the per-sample unconditional inputs (``Guided.PREFIX`` keys)."""
+    if not cond:
+        return cond
+    return {k: v for k, v in cond.items() if not k.startswith(Guided.PREFIX)} or None
+
+
+class Unguided(nn.Module):
+    """A conditional field run without guidance on conditioning made for a guided run.
+
+    Drops the per-sample unconditional inputs (``uncond.<name>``) that only :class:`Guided`
+    uses, so the same ``cond`` serves a guided teacher and a student that learned the guided
+    velocity in one pass (``StraightenConfig(guidance="distill")``).
+    """
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field = field
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return self.field(x, t, **(strip_uncond(cond) or {}))
 
 
 def guidance_identity(field: Any) -> dict[str, Any] | None:

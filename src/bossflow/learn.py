@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist
+from .checkpoint import module_fingerprint
 from .errors import CheckpointError, ConfigError
 from .field import Guided, VelocityField, guidance_identity
 from .io import ensure_dir
@@ -192,7 +193,7 @@ def teacher_endpoints(
     }
     take_cond = cond_reader(cond, int(noise.shape[0]), "teacher_endpoints")
     if cond is not None:
-        identity["cond"] = cond_fingerprint(take_cond(range(0, 1)))
+        identity["cond"] = cond_fingerprint(take_cond, int(noise.shape[0]))
     if isinstance(field, Guided):
         identity["guidance"] = guidance_identity(field)
     # several processes: rank 0 reads and checks the cache, the others get what it found
@@ -412,9 +413,11 @@ def learn_sampler(
         "init": [float(t) for t in init_times],
         "noise_shape": list(noise.shape),
         "teacher_sum": float(teacher.double().sum()),
+        # the field itself: a sampler learned for one model is not resumed for another
+        "model": module_fingerprint(field) if isinstance(field, nn.Module) else None,
     }
     if cond is not None:
-        identity["cond"] = cond_fingerprint(take_cond(range(0, 1)))
+        identity["cond"] = cond_fingerprint(take_cond, int(noise.shape[0]))
     if isinstance(field, Guided):
         identity["guidance"] = guidance_identity(field)
     meta = {

@@ -196,13 +196,23 @@ def cond_reader(
     )
 
 
-def cond_fingerprint(cond: dict[str, Tensor] | None) -> dict[str, str] | None:
-    """Fingerprints of the conditioning of sample 0 (``None`` without conditioning).
+def cond_fingerprint(take: Callable, total: int, rows: int = 256) -> dict[str, str] | None:
+    """Fingerprints of the conditioning of the first ``rows`` samples (``None`` without any).
 
-    Stored with caches and pair stores, so a resumed run notices other conditioning.
+    ``take`` is a :func:`cond_reader`. Stored with caches, pair stores, teacher files and
+    checkpoints, so a resumed run notices other conditioning: not only sample 0's (10 cycled
+    labels and one shared label agree there), but the first ``min(total, rows)`` rows of every
+    tensor, hashed together.
     """
-    from .checkpoint import noise_fingerprint
+    import hashlib
 
+    cond = take(range(0, min(int(total), rows)))
     if not cond:
         return None
-    return {k: noise_fingerprint(v[0]) for k, v in sorted(cond.items())}
+    out = {}
+    for key, value in sorted(cond.items()):
+        arr = value.detach().to("cpu").contiguous()
+        digest = hashlib.sha256(str((tuple(arr.shape), str(arr.dtype))).encode())
+        digest.update(arr.view(torch.uint8).numpy().tobytes() if arr.numel() else b"")
+        out[key] = digest.hexdigest()[:16]
+    return out

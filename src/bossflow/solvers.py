@@ -219,7 +219,7 @@ def sample(
             raise ConfigError(
                 f"give one scale per step: {len(times) - 1} steps, {len(scales)} scales"
             )
-    field = bind_cond(field, check_cond(cond, noise.shape[0], "sample"))
+    field = bind_cond(field, check_cond(cond, noise.shape[0], "sample", noise.device))
     x, past = noise, []
     with nullcontext() if grad else torch.no_grad():
         for i in range(len(times) - 1):
@@ -288,7 +288,7 @@ def _reference_solve(field, noise, method, steps, rtol, atol, cond) -> Tensor:
 
         torchdiffeq = require("torchdiffeq", "ode", "the dopri5 reference solver")
 
-        bound = check_cond(cond, noise.shape[0], "reference_solve")
+        bound = check_cond(cond, noise.shape[0], "reference_solve", noise.device)
 
         def rhs(t: Tensor, x: Tensor) -> Tensor:
             return call_field(field, x, t.expand(x.shape[0]).to(time_dtype(x)), cond=bound)

@@ -362,7 +362,7 @@ _IDENTITY_LABELS = {
     "noise_dtype": "noise dtype",
     "sample_shape": "sample shape",
     "seed": "seed",
-    "cond_fingerprint": "conditioning of sample 0",
+    "cond_fingerprint": "conditioning (first rows)",
     "guidance": "guidance (scale, unconditional inputs)",
 }
 
@@ -459,7 +459,7 @@ def cost_matrix(
         "noise_dtype": str(first.dtype).removeprefix("torch."),
         "sample_shape": list(first.shape[1:]),
         "seed": (meta or {}).get("seed", getattr(noise, "seed", None)),
-        "cond_fingerprint": cond_fingerprint(take_cond(range(0, 1))),
+        "cond_fingerprint": cond_fingerprint(take_cond, total),
         "guidance": guidance_identity(field),
     }
     identity = json.loads(json.dumps(identity, default=str))  # as a cache holds it

@@ -498,7 +498,7 @@ def make_pairs(
         "seed": meta.get("seed", getattr(noise, "seed", None)),
         "model_fingerprint": module_fingerprint(field),
         "noise_fingerprint": _noise_fingerprint(first[0]),
-        "cond_fingerprint": cond_fingerprint(take_cond(range(0, 1))),
+        "cond_fingerprint": cond_fingerprint(take_cond, total),
         "guidance": guidance_identity(field),
     }
     identity = json.loads(json.dumps(identity))  # what a JSON round trip gives, for comparison

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
-from ..field import Guided, call_field, guidance_identity, time_batch, time_dtype
+from ..field import Guided, Unguided, call_field, guidance_identity, time_batch, time_dtype
 from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
 from ..noise import CondLike, cond_fingerprint, cond_reader
 from ..schedule import Schedule
@@ -243,6 +243,8 @@ class StraightenResult:
             returned weights), keyed by the raw network's layer names; ``None`` otherwise.
         guided: for a guided teacher whose guidance was kept, the guidance it is sampled with:
             ``{"scale": w, "uncond": {...}}``; ``None`` otherwise (see :attr:`sampling_field`).
+        teacher_guidance: for a guided teacher, ``{"scale": w, "mode": "keep" | "distill"}``
+            (saved with the weights, so ``--finetuned`` samples them as trained); else ``None``.
     """
 
     module: nn.Module
@@ -256,13 +258,14 @@ class StraightenResult:
     trainable_parameters: int = 0
     lora: LoraAdapter | None = None
     guided: dict[str, Any] | None = None
+    teacher_guidance: dict[str, Any] | None = None
 
     @property
     def sampling_field(self) -> nn.Module:
         """The velocity field to sample with: :attr:`module`, under its guidance if kept."""
-        if self.guided is None:
-            return self.module
-        return Guided(self.module, self.guided["scale"], self.guided["uncond"])
+        if self.guided is not None:
+            return Guided(self.module, self.guided["scale"], self.guided["uncond"])
+        return Unguided(self.module) if self.teacher_guidance is not None else self.module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,16 +382,28 @@ def _pairs_cond(pairs: PairStore, cond: CondLike | None) -> Callable:
     """The reader of ``cond`` for a store's rows, checked against what the store was made with."""
     made = pairs.manifest.get("cond_fingerprint")
     take = cond_reader(cond, int(pairs.manifest["samples"]), "straightening")
-    given = cond_fingerprint(take(range(0, 1)))
+    given = cond_fingerprint(take, int(pairs.manifest["samples"]))
     if made != given:
         if made is None:
             why = "were made without conditioning, but cond= was given"
         elif given is None:
             why = "were made with conditioning: pass the same cond= as to make_pairs"
         else:
-            why = "were made with other conditioning (sample 0 differs): pass make_pairs' cond="
+            why = (
+                "were made with other conditioning (its first rows differ): pass make_pairs' cond="
+            )
         raise ConfigError(f"the pairs in {pairs.path} {why}")
     return take
+
+
+def _student(model: nn.Module, teacher: Guided | None, mode: str) -> nn.Module:
+    """What the loss sees: the network under the teacher's guidance (``keep``), the bare network
+    on the same conditioning (``distill``), or the network itself (no guidance)."""
+    if teacher is None:
+        return model
+    if mode == "keep":
+        return Guided(model, teacher.scale, teacher.uncond)
+    return Unguided(model)
 
 
 def _to_device(cond: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:
@@ -474,12 +489,17 @@ def _holdout_indices(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarr
 
 def _pairs_identity(pairs: PairStore) -> dict[str, Any]:
     m = pairs.manifest
-    return {
+    identity = {
         "times": [float(t) for t in pairs.times],
         "samples": len(pairs),
         "model_fingerprint": m.get("model_fingerprint"),
         "noise_fingerprint": m.get("noise_fingerprint"),
     }
+    # conditioning and guidance only when there are some: unconditional checkpoints stay valid
+    for key in ("cond_fingerprint", "guidance"):
+        if m.get(key) is not None:
+            identity[key] = m[key]
+    return identity
 
 
 def _check_resumable(
@@ -740,6 +760,13 @@ def straighten(
         raise ConfigError("straighten needs an nn.Module velocity field (wrap it: bossflow.field)")
     take_cond = _pairs_cond(pairs, cond)
     guidance = guidance_identity(field_module)
+    made = pairs.manifest.get("guidance")
+    if made != json.loads(json.dumps(guidance)):  # as the manifest holds it
+        raise ConfigError(
+            f"the pairs in {pairs.path} were made with guidance {made}, but the field to "
+            f"straighten has guidance {guidance}: straighten the field the pairs were made with "
+            "(the same Guided scale and unconditional inputs), or make new pairs"
+        )
     if guidance is not None:
         guidance["mode"] = config.guidance
     teacher_guide, field_module = (
@@ -800,9 +827,7 @@ def straighten(
         sharded,
     )
     # what the loss sees: the network under the teacher's guidance, or bare (distilled)
-    student = model
-    if teacher_guide is not None and config.guidance == "keep":
-        student = Guided(model, teacher_guide.scale, teacher_guide.uncond)
+    student = _student(model, teacher_guide, config.guidance)
     # several processes: rank 0 reads and checks the checkpoint, the others get what it read
     ckpt = None
     if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
@@ -826,9 +851,7 @@ def straighten(
         ddp = ddp_class(
             model, device_ids=[device] if device.type == "cuda" else None, **{sync: False}
         )
-        train_student = ddp
-        if teacher_guide is not None and config.guidance == "keep":
-            train_student = Guided(ddp, teacher_guide.scale, teacher_guide.uncond)
+        train_student = _student(ddp, teacher_guide, config.guidance)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if config.amp else nullcontext()
@@ -959,6 +982,11 @@ def straighten(
             if teacher_guide is not None and config.guidance == "keep"
             else None
         ),
+        teacher_guidance=(
+            None
+            if teacher_guide is None
+            else {"scale": teacher_guide.scale, "mode": config.guidance}
+        ),
     )
 
 
@@ -1011,6 +1039,7 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
         "wall_s": result.wall_s,
         "heldout_indices": result.heldout_indices,
         "trainable_parameters": result.trainable_parameters,
+        "guidance": result.teacher_guidance,
         "network_prefix": prefix,
         "network_class": f"{cls.__module__}.{cls.__qualname__}",
         "diffusers_folder": diffusers_folder.name if diffusers_folder else None,
