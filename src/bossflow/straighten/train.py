@@ -49,7 +49,15 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from ..errors import CheckpointError, ConfigError, ModelOutputError, require
-from ..field import Guided, Unguided, call_field, guidance_identity, time_batch, time_dtype
+from ..field import (
+    FlowMatchingField,
+    Guided,
+    Unguided,
+    call_field,
+    guidance_identity,
+    time_batch,
+    time_dtype,
+)
 from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
 from ..noise import CondLike, cond_fingerprint, cond_reader
 from ..schedule import Schedule
@@ -807,6 +815,13 @@ def straighten(
     if not params:
         raise ConfigError(f"{type(field_module).__name__} has no parameters to fine-tune")
     sharded = config.sharding == "fsdp" and dist.is_distributed()
+    if sharded and any(
+        isinstance(m, FlowMatchingField) and m.batched_time is not True for m in model.modules()
+    ):  # sharded forward passes are collective: every process must make the same calls
+        raise ConfigError(
+            'sharding="fsdp" needs a flow_matching model called once per batch: wrap it as '
+            "FlowMatchingField(model, batched_time=True) (it must take a (B,) time), or use ddp"
+        )
     if sharded:  # FSDP2, in place: the parameters become shards (DTensors)
         sharding.shard(model)
         params = list(model.parameters())
