@@ -50,7 +50,6 @@ __all__ = [
     "fail_together",
     "rank_label",
     "map_rows",
-    "cond_rows",
 ]
 
 # Keys in the process group's store (a PrefixStore of the default group: one namespace per run).
@@ -353,13 +352,3 @@ def map_rows(fn: Callable[[range], Tensor], total: int, device: torch.device | s
             part = fn(block).detach().cpu()
     parts = [p for p in all_gather_object(part) if p is not None]
     return torch.cat(parts).to(device)
-
-
-def cond_rows(cond: dict[str, Tensor] | None, rows: range, total: int) -> dict[str, Tensor] | None:
-    """The conditioning of ``rows`` out of ``total`` samples (a (1, ...) tensor is shared)."""
-    if cond is None:
-        return None
-    return {
-        k: v if v.shape[0] == 1 and total != 1 else v[rows.start : rows.stop]
-        for k, v in cond.items()
-    }

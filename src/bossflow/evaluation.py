@@ -21,6 +21,7 @@ from . import distributed as dist
 from .errors import BossflowError
 from .field import NFECounter, VelocityField
 from .metrics import EvalRecord, _check_method, evaluate_samples
+from .noise import cond_reader
 from .sampler import Sampler
 from .schedule import Schedule
 from .solvers import nfe_for, sample
@@ -97,13 +98,14 @@ def evaluate_methods(
             "labels or evaluate them in separate runs"
         )
     records, outs = [], {}
+    take_cond = cond_reader(cond, noise.shape[0], "evaluation")
     for entry in entries:
         counter = NFECounter(entry.field)
         start = time.perf_counter()
         if dist.is_distributed():  # each process samples its block of noises; all get all
 
             def block(r: range, e: EvalEntry = entry, c: NFECounter = counter) -> Tensor:
-                rows = dist.cond_rows(cond, r, noise.shape[0])
+                rows = take_cond(r)
                 return sample(c, noise[r.start : r.stop], e.schedule, solver=e.solver, cond=rows)
 
             x = dist.map_rows(block, noise.shape[0], noise.device)

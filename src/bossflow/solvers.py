@@ -267,13 +267,15 @@ def reference_solve(
     Returns:
         (B, ...) states at t = 1, dtype and device of ``noise``.
     """
-    from .distributed import cond_rows, is_distributed, map_rows
+    from .distributed import is_distributed, map_rows
+    from .noise import cond_reader
 
     if is_distributed():
         b = noise.shape[0]
+        take_cond = cond_reader(cond, b, "reference_solve")
         return map_rows(
             lambda r: _reference_solve(
-                field, noise[r.start : r.stop], method, steps, rtol, atol, cond_rows(cond, r, b)
+                field, noise[r.start : r.stop], method, steps, rtol, atol, take_cond(r)
             ),
             b,
             noise.device,
