@@ -127,3 +127,20 @@ def test_low_precision_states_get_float32_times():
     sample(field, x, uniform(500))
     times = torch.stack([t[0] for t in seen])
     assert times.dtype == torch.float32 and times.unique().numel() == 500  # bf16 would merge them
+
+
+def test_precision_runs_the_network_cheaper_and_returns_the_states_dtype():
+    from bossflow.field import Precision
+    from bossflow.pretrained import load_digits_field
+
+    torch.manual_seed(0)
+    field = load_digits_field()
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        full = field(x, t)
+        bf16 = Precision(field)(x, t)
+        layout = Precision(load_digits_field(), None, channels_last=True)(x, t)
+    assert bf16.dtype == torch.float32 and bf16.is_contiguous()
+    err = float((bf16 - full).abs().max() / full.abs().max())
+    assert 1e-5 < err < 5e-2  # bfloat16 arithmetic: visibly different, still close
+    torch.testing.assert_close(layout, full, rtol=1e-4, atol=1e-5)  # a layout change only

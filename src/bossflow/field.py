@@ -39,6 +39,7 @@ __all__ = [
     "guidance_identity",
     "strip_uncond",
     "Unguided",
+    "Precision",
 ]
 
 
@@ -502,6 +503,48 @@ def check_cond(
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     return out or None
+
+
+class Precision(nn.Module):
+    """A field run in lower precision: ``autocast`` (e.g. bfloat16) and/or channels-last layout.
+
+    The forward pass runs under ``torch.autocast(device, dtype=autocast)``; the velocity comes back
+    in the states' dtype, so sampling steps, states and the cost matrix's float64 accumulation are
+    unchanged: only the network's arithmetic is cheaper. ``channels_last=True`` converts the
+    field's 4-D weights to channels-last in place and hands it channels-last images (a layout
+    change, same values). Measure what it costs in accuracy before using it for a schedule:
+    ``benchmarks/bench_cost_precision.py`` prints the cost matrix's relative error and whether the
+    Bellman schedules change.
+
+    Args:
+        field: the velocity field (an ``nn.Module``).
+        autocast: the autocast dtype (``torch.bfloat16``, ``torch.float16``), or ``None``.
+        channels_last: run image models (4-D inputs) in channels-last layout.
+    """
+
+    def __init__(
+        self,
+        field: nn.Module,
+        autocast: torch.dtype | None = torch.bfloat16,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.field = field
+        self.autocast = autocast
+        self.channels_last = channels_last
+        if channels_last:
+            field.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        x_in = x
+        if self.channels_last and x.ndim == 4:
+            x_in = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            v = self.field(x_in, t, **cond)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast):
+                v = self.field(x_in, t, **cond)
+        return v.to(x.dtype).contiguous()
 
 
 def strip_uncond(cond: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
