@@ -705,30 +705,29 @@ def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 
     return torch.cat(parts)
 
 
+def _finetuned_json(path: str | None) -> dict:
+    """The provenance JSON that save_straightened writes next to ``model.safetensors`` ({} when
+    there is no ``--finetuned`` or no readable JSON: weights without their provenance file)."""
+    if not path:
+        return {}
+    try:
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _finetuned_guidance(path: str | None) -> dict | None:
     """The guidance a straightened file was trained under, from its JSON: ``{"scale", "mode"}``
     (``mode`` keep or distill), or ``None`` (unguided, or no readable JSON)."""
-    if not path:
-        return None
-    meta = Path(path).with_suffix(".json")
-    try:
-        recorded = json.loads(meta.read_text()).get("guidance")
-    except (OSError, ValueError, AttributeError):
-        return None
+    recorded = _finetuned_json(path).get("guidance")
     ok = isinstance(recorded, dict) and isinstance(recorded.get("scale"), (int, float))
     return recorded if ok and recorded.get("mode") in ("keep", "distill") else None
 
 
 def _finetuned_iterations(path: str | None) -> int | None:
-    """``iterations`` from the JSON that save_straightened writes next to ``model.safetensors``."""
-    if not path:
-        return None
-    import json
-
-    try:
-        value = json.loads(Path(path).with_suffix(".json").read_text()).get("iterations")
-    except (OSError, ValueError, AttributeError):
-        return None  # weights without their provenance file: iterations unknown
+    """``iterations`` from the straightened file's JSON (``None`` when unknown)."""
+    value = _finetuned_json(path).get("iterations")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 

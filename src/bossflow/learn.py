@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from . import distributed as dist
 from .checkpoint import module_fingerprint
 from .errors import CheckpointError, ConfigError
-from .field import Guided, VelocityField, guidance_identity
+from .field import VelocityField, guidance_identity
 from .io import ensure_dir
 from .noise import CondLike, cond_fingerprint, cond_reader
 from .sampler import Sampler
@@ -194,8 +194,8 @@ def teacher_endpoints(
     take_cond = cond_reader(cond, int(noise.shape[0]), "teacher_endpoints")
     if cond is not None:
         identity["cond"] = cond_fingerprint(take_cond, int(noise.shape[0]))
-    if isinstance(field, Guided):
-        identity["guidance"] = guidance_identity(field)
+    if (guidance := guidance_identity(field)) is not None:  # another scale: another field
+        identity["guidance"] = guidance
     # several processes: rank 0 reads and checks the cache, the others get what it found
     found = None
     if cache is not None and dist.is_rank_zero() and Path(cache).exists():
@@ -418,8 +418,8 @@ def learn_sampler(
     }
     if cond is not None:
         identity["cond"] = cond_fingerprint(take_cond, int(noise.shape[0]))
-    if isinstance(field, Guided):
-        identity["guidance"] = guidance_identity(field)
+    if (guidance := guidance_identity(field)) is not None:  # another scale: another field
+        identity["guidance"] = guidance
     meta = {
         "method": "learned",
         "provenance": {
