@@ -1,4 +1,4 @@
-"""Benchmark: cost-matrix and pair-generation throughput on 1 and N CPU processes (torchrun, gloo).
+"""Benchmark: cost matrix, pairs and sampler learning on 1 and N CPU processes (torchrun, gloo).
 
     python benchmarks/bench_distributed.py [--nproc 2] [--samples 64] [--kmax 100] [--batch 16]
 
@@ -6,9 +6,11 @@ Runs the same work three ways, each in fresh processes: one process with one thr
 with ``nproc`` threads (what a single process gets from the same cores), and ``nproc`` processes
 with one thread each under ``torchrun --standalone``. The work: ``cost_matrix`` of the shipped
 digits model (``samples`` fine Euler trajectories of ``kmax`` steps) and ``make_pairs`` for the
-Bellman NFE-4 schedule (``samples`` trajectories). Reported: trajectories per second (the slowest
-rank's wall time, after a warm-up call), and the largest relative difference of the cost matrix
-from the one-process one (float64 sums; only the order of additions differs).
+Bellman NFE-4 schedule (``samples`` trajectories), then ``learn_sampler`` (Euler, NFE 4, from the
+Bellman times, batch ``samples``, ``--learn-iterations`` iterations with a held-out evaluation every
+10, teacher endpoints of ``kmax`` steps from ``samples`` noises). Reported: trajectories (learning:
+iterations) per second of the slowest rank's wall time, after a warm-up call, and the largest
+relative difference of the cost matrix and of the learned times from the one-process ones.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 
-def work(out: Path, samples: int, kmax: int, batch: int) -> None:
+def work(out: Path, samples: int, kmax: int, batch: int, iterations: int) -> None:
     """What every launch runs; rank 0 writes ``out/result.json``."""
     import torch
 
     from bossflow import distributed as dist
     from bossflow.bellman import bellman_schedules, cost_matrix
+    from bossflow.learn import LearnConfig, learn_sampler, teacher_endpoints
     from bossflow.noise import NoiseSource
     from bossflow.spec import load_model
     from bossflow.straighten import make_pairs
@@ -51,9 +54,18 @@ def work(out: Path, samples: int, kmax: int, batch: int) -> None:
         make_pairs(field, noise, schedule, Path(folder) / "pairs", kmax, samples, batch)
         pairs_s = max(dist.all_gather_object(time.perf_counter() - start))
         dist.barrier()
+    z = noise.take(samples + samples // 4)  # a quarter held out
+    teacher = teacher_endpoints(field, z, steps=kmax, batch_size=batch)
+    config = LearnConfig(iterations=iterations, batch_size=samples, eval_every=10, margin=0)
+    dist.barrier()
+    start = time.perf_counter()
+    learned = learn_sampler(field, z, teacher, 4, config, init=schedule)
+    learn_s = max(dist.all_gather_object(time.perf_counter() - start))
     if dist.is_rank_zero():
         np.save(out / "cost.npy", cost.sum)
-        result = {"cost_s": cost_s, "pairs_s": pairs_s, "threads": torch.get_num_threads()}
+        np.save(out / "times.npy", learned.sampler.times)
+        result = {"cost_s": cost_s, "pairs_s": pairs_s, "learn_s": learn_s}
+        result["threads"] = torch.get_num_threads()
         (out / "result.json").write_text(json.dumps(result))
     dist.shutdown()
 
@@ -62,6 +74,7 @@ def launch(nproc: int, threads: int, args: argparse.Namespace, out: Path) -> dic
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BOSSFLOW_PROGRESS": "0"}
     me = [str(Path(__file__).resolve()), "--worker", str(out)]
     me += ["--samples", str(args.samples), "--kmax", str(args.kmax), "--batch", str(args.batch)]
+    me += ["--learn-iterations", str(args.learn_iterations)]
     if nproc == 1:
         cmd = [sys.executable, *me]
     else:
@@ -70,6 +83,7 @@ def launch(nproc: int, threads: int, args: argparse.Namespace, out: Path) -> dic
     subprocess.run(cmd, env=env, check=True)
     result = json.loads((out / "result.json").read_text())
     result["cost"] = np.load(out / "cost.npy")
+    result["times"] = np.load(out / "times.npy")
     return result
 
 
@@ -79,10 +93,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--kmax", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--learn-iterations", type=int, default=20)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        work(args.worker, args.samples, args.kmax, args.batch)
+        work(args.worker, args.samples, args.kmax, args.batch, args.learn_iterations)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,18 +109,22 @@ def main() -> None:
             out = Path(tmp) / f"{nproc}-{threads}"
             out.mkdir()
             rows.append((label, launch(nproc, threads, args, out)))
-    ref = rows[0][1]["cost"]
+    ref, ref_times = rows[0][1]["cost"], rows[0][1]["times"]
     print(
         f"\ndigits model, {args.samples} trajectories of {args.kmax} Euler steps, batch "
-        f"{args.batch}; trajectories per second (slowest rank)\n"
+        f"{args.batch}; trajectories (learning: iterations) per second, slowest rank\n"
     )
-    print("| run | cost matrix (traj/s) | pairs (traj/s) | cost matrix vs 1 process (max rel.) |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| run | cost matrix (traj/s) | pairs (traj/s) | learning (it/s) | cost matrix vs "
+        "1 process (max rel.) | learned times vs 1 process (max rel.) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for label, r in rows:
         diff = np.abs(r["cost"] - ref).max() / np.abs(ref).max()
+        tdiff = np.abs(r["times"] - ref_times).max() / np.abs(ref_times).max()
         print(
             f"| {label} | {args.samples / r['cost_s']:.0f} | {args.samples / r['pairs_s']:.0f} "
-            f"| {diff:.1e} |"
+            f"| {args.learn_iterations / r['learn_s']:.1f} | {diff:.1e} | {tdiff:.1e} |"
         )
 
 

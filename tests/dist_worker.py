@@ -83,15 +83,15 @@ def train(
 
 
 def evaluate(scheds, out: Path) -> dict:
-    """Reference solve, evaluation, teacher endpoints and a short sampler learning (5 noises: an
-    uneven split)."""
+    """Reference solve, evaluation, teacher endpoints and a short data-parallel sampler learning
+    (5 noises: an uneven split; batches of 2 split 1 + 1; margin 0 so the learned times are kept)."""
     z = noise("eval").take(5)
     reference = reference_solve(field(), z, steps=20)
     entries = [EvalEntry("bellman", field(), scheds[k], "euler") for k in (2, 3)]
     records, samples = evaluate_methods(entries, z, reference, None, None)
     teacher = teacher_endpoints(field(), z, steps=8, batch_size=2, cache=out / "teacher.pt")
     learned = learn_sampler(
-        field(), z, teacher, 2, LearnConfig(iterations=3, batch_size=2, holdout=2, eval_every=1),
+        field(), z, teacher, 2, LearnConfig(iterations=3, batch_size=2, holdout=2, eval_every=1, margin=0),
         init=scheds[2], out_dir=out / "learn",
     )  # fmt: skip
     return {
@@ -100,6 +100,7 @@ def evaluate(scheds, out: Path) -> dict:
         "samples": samples[("bellman", 2)],
         "teacher": teacher,
         "learned": learned.sampler.to_dict(),
+        "learn_history": learned.history,
     }
 
 

@@ -18,6 +18,10 @@ al. 2024), LD3 (2025).
 
 Every random draw comes from one generator seeded by ``seed``; with ``out_dir`` the state is
 checkpointed atomically and a rerun resumes to the same result.
+
+Under torchrun the learning is data parallel: each rank integrates its block of every training
+batch and of the held-out noises, losses and gradients are summed over the ranks in float64, and
+every rank holds the parameters one process would have (to float rounding).
 """
 
 from __future__ import annotations
@@ -276,13 +280,18 @@ def sampler_errors(
     """Per-noise errors (M,) float64 of ``sampler`` from ``noise`` against ``teacher``."""
     metric = metric or _mse
     take_cond = cond_reader(cond, int(noise.shape[0]), "sampler_errors")
-    out = []
-    with torch.no_grad():
-        for a in range(0, noise.shape[0], batch_size):
-            c = take_cond(range(a, min(a + batch_size, noise.shape[0])))
-            x = sample(field, noise[a : a + batch_size], sampler, cond=c)
-            out.append(metric(x, teacher[a : a + batch_size]).double().cpu())
-    return torch.cat(out)
+
+    def errors(block: range) -> Tensor:
+        out = []
+        with torch.no_grad():
+            for a in range(block.start, block.stop, batch_size):
+                rows = range(a, min(a + batch_size, block.stop))
+                x = sample(field, noise[rows.start : rows.stop], sampler, cond=take_cond(rows))
+                out.append(metric(x, teacher[rows.start : rows.stop]).double().cpu())
+        return torch.cat(out)
+
+    # several processes: each takes a block of the noises, every rank gets all M errors
+    return dist.map_rows(errors, int(noise.shape[0]), "cpu")
 
 
 def _beats(field, noise, teacher, new, start, split, metric, config, cond) -> bool:
@@ -315,6 +324,50 @@ def sampler_error(
     # summed batch by batch, as the per-batch values are produced
     total = sum(float(errors[a : a + batch_size].sum()) for a in range(0, len(errors), batch_size))
     return total / noise.shape[0]
+
+
+def _batch_backward(
+    field: VelocityField,
+    noise: Tensor,
+    teacher: Tensor,
+    rows: np.ndarray,
+    theta: Tensor,
+    phi: Tensor | None,
+    solver: str,
+    metric: Metric,
+    take_cond: Callable[[Any], Any],
+) -> float:
+    """The batch's mean loss; its gradient accumulated into ``theta.grad`` (and ``phi.grad``).
+
+    Several processes: every rank drew the same ``rows`` (one seeded generator); each integrates
+    its :func:`~bossflow.distributed.split_range` block of them and the loss sums and gradients
+    are summed over the ranks in float64, so every rank takes the step one process takes with
+    the whole batch (data parallel: the sampler's parameters stay identical on every rank).
+    """
+    params = [p for p in (theta, phi) if p is not None]
+    part = rows[dist.split_range(len(rows))] if dist.is_distributed() else rows
+    loss = torch.zeros((), dtype=torch.float64)
+    with dist.fail_together():  # the other ranks wait in the sum below
+        if len(part):
+            z, target = noise[part], teacher[part]
+            times = _times_of(theta)
+            scales = None if phi is None else phi.exp()
+            x = sample(
+                field, z, times.to(z.device), solver, grad=True, scales=scales,
+                cond=take_cond(part.tolist()),
+            )  # fmt: skip
+            local = metric(x, target).double().sum() / len(rows)
+            local.backward()
+            loss = local.detach().cpu()
+    if not dist.is_distributed():
+        return float(loss)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = dist.all_reduce_sum_float64(torch.cat([loss.reshape(1)] + [g.flatten() for g in grads]))
+    offset = 1
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
+        offset += p.numel()
+    return float(flat[0])
 
 
 def _holdout(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarray]:
@@ -502,23 +555,17 @@ def learn_sampler(
                 config.patience and stale >= config.patience
             ):
                 rows = random_rows(train_idx, config.batch_size, generator)
-                z, target = noise[rows], teacher[rows]
-                times = _times_of(theta)
-                scales = None if phi is None else phi.exp()
-                c = take_cond(rows.tolist())
-                x = sample(
-                    field, z, times.to(z.device), config.solver, grad=True, scales=scales, cond=c
-                )
-                loss = metric(x, target).mean()
-                if not torch.isfinite(loss):
-                    raise ConfigError(
-                        f"the sampler's loss became {float(loss)} at iteration {iteration}; lower lr"
-                    )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = _batch_backward(
+                    field, noise, teacher, rows, theta, phi, config.solver, metric, take_cond
+                )
+                if not math.isfinite(loss):
+                    raise ConfigError(
+                        f"the sampler's loss became {loss} at iteration {iteration}; lower lr"
+                    )
                 optimizer.step()
                 iteration += 1
-                running, count = running + float(loss.detach()), count + 1
+                running, count = running + loss, count + 1
                 bar.update(1)
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
                     held = heldout_error(theta, phi)
