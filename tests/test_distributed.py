@@ -218,6 +218,57 @@ class Net(torch.nn.Module):
 """
 
 
+def test_cli_commands_under_torchrun_match_one_process(tmp_path):
+    """``torchrun -m bossflow schedule --method learned`` then ``evaluate``: the files one process
+    writes, written once (by rank 0), with the same contents to float rounding."""
+    import json
+
+    from bossflow.cli import main
+
+    schedule = ["schedule", "--model", "digits", "--samples", "16", "--kmax", "10", "--nfe", "2"]
+    schedule += ["--method", "learned", "--learn-iterations", "3", "--learn-holdout", "4"]
+    schedule += ["--batch-size", "4", "--quiet"]
+
+    def evaluate(where: str) -> list[str]:
+        return [
+            "evaluate", "--model", "digits", "--schedule", f"{where}/s/learned_nfe2.json",
+            "--nfe", "2", "--samples", "6", "--reference-steps", "20", "--out", f"{where}/e",
+            "--quiet",
+        ]  # fmt: skip
+
+    for args, once in (
+        ([*schedule, "--out", "two/s"], "Bellman schedules"),
+        (evaluate("two"), "report: "),
+    ):
+        run = torchrun("-m", "bossflow", *args, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count(once) == 1  # rank 0 alone prints
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main([*schedule, "--out", "one/s"]) == 0
+        assert main(evaluate("one")) == 0
+
+    def files(where: str) -> list[str]:
+        root = tmp_path / where
+        return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())
+
+    assert files("two") == files("one")  # no stray temporary or per-rank files
+    for name in ("s/schedule_nfe2.json", "s/learned_nfe2.json"):
+        two, one = (json.loads((tmp_path / w / name).read_text()) for w in ("two", "one"))
+        np.testing.assert_allclose(two["times"], one["times"], rtol=1e-9)
+        assert two.get("solver") == one.get("solver")
+    two, one = (json.loads((tmp_path / w / "e/results.json").read_text()) for w in ("two", "one"))
+    assert [r["method"] for r in two["records"]] == [r["method"] for r in one["records"]]
+    for key in ("mse_to_reference", "frechet"):
+        np.testing.assert_allclose(
+            [r[key] for r in two["records"]], [r[key] for r in one["records"]], rtol=1e-5
+        )
+    cost = [np.load(tmp_path / w / "s/cost_matrix.npz") for w in ("two", "one")]
+    for key in cost[1].files:
+        if cost[1][key].dtype.kind == "f":
+            np.testing.assert_allclose(cost[0][key], cost[1][key], rtol=1e-12, atol=0)
+
+
 def test_failing_rank_ends_the_job_with_its_message(tmp_path):
     (tmp_path / "failmod.py").write_text(_FAILING_MODULE)
     start = time.monotonic()

@@ -276,7 +276,12 @@ def _frechet_torchmetrics(feats_s: Tensor, feats_r: Tensor, batch_size: int) -> 
     from .errors import require
 
     fid_mod = require("torchmetrics.image.fid", "metrics", "the torchmetrics Fréchet backend")
-    metric = fid_mod.FrechetInceptionDistance(feature=_Passthrough(int(feats_s.shape[1])))
+    # Every process holds the whole sets here (evaluation gathers the samples), so no syncing:
+    # under torchrun torchmetrics would otherwise concatenate every rank's copy, and the
+    # duplicated rows change the covariances.
+    metric = fid_mod.FrechetInceptionDistance(
+        feature=_Passthrough(int(feats_s.shape[1])), sync_on_compute=False
+    )
     for feats, real in ((feats_r, True), (feats_s, False)):
         for start in range(0, feats.shape[0], batch_size):
             metric.update(feats[start : start + batch_size], real=real)
