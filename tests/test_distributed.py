@@ -218,6 +218,31 @@ class Net(torch.nn.Module):
 """
 
 
+def test_no_option_is_taken_by_torchrun():
+    """torchrun parses the options after ``-m bossflow CMD`` for abbreviations of its own: an
+    option of ours that is a prefix of one of torchrun's (``--n`` of ``--nnodes``) would stop the
+    launch or, if unambiguous, go to torchrun instead of bossflow."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    from bossflow.cli import build_parser
+
+    theirs = {o for a in get_args_parser()._actions for o in a.option_strings}
+    taken = []
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for o in (o for a in sub._actions for o in a.option_strings):
+                    if (
+                        o != "--help"
+                        and o.startswith("--")
+                        and any(t.startswith(o) for t in theirs)
+                    ):
+                        taken.append(f"{name} {o}")
+    assert taken == ["sample --n"]  # kept as an alias; --samples is the name to use under torchrun
+
+
 def test_cli_commands_under_torchrun_match_one_process(tmp_path):
     """``torchrun -m bossflow schedule --method learned`` then ``evaluate``: the files one process
     writes, written once (by rank 0), with the same contents to float rounding."""
@@ -236,9 +261,16 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
             "--quiet",
         ]  # fmt: skip
 
+    def sample(where: str) -> list[str]:
+        return [
+            "sample", "--model", "digits", "--schedule", f"{where}/s/learned_nfe2.json",
+            "--samples", "5", "--out", f"{where}/x.png", "--save-tensor", f"{where}/x.pt",
+        ]  # fmt: skip
+
     for args, once in (
         ([*schedule, "--out", "two/s"], "Bellman schedules"),
         (evaluate("two"), "report: "),
+        (sample("two"), "5 samples"),
     ):
         run = torchrun("-m", "bossflow", *args, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -247,6 +279,7 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
         mp.chdir(tmp_path)
         assert main([*schedule, "--out", "one/s"]) == 0
         assert main(evaluate("one")) == 0
+        assert main(sample("one")) == 0
 
     def files(where: str) -> list[str]:
         root = tmp_path / where
@@ -263,6 +296,8 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
         np.testing.assert_allclose(
             [r[key] for r in two["records"]], [r[key] for r in one["records"]], rtol=1e-5
         )
+    x = [torch.load(tmp_path / w / "x.pt") for w in ("two", "one")]
+    torch.testing.assert_close(x[0], x[1], rtol=1e-5, atol=1e-6)
     cost = [np.load(tmp_path / w / "s/cost_matrix.npz") for w in ("two", "one")]
     for key in cost[1].files:
         if cost[1][key].dtype.kind == "f":

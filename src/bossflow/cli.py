@@ -499,7 +499,8 @@ def _learn_samplers(args, out: Path, model, noise, schedules, config, run) -> No
 
 # -- sample ------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .noise import NoiseSource
+    from . import distributed as dist
+    from .noise import NoiseSource, cond_reader
     from .solvers import sample
 
     if args.schedule is not None and args.nfe is not None:
@@ -512,9 +513,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _require_plotting(tuple(model.sample_shape), report=False)
         run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
         _log_conditioning(run)
-        noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
-        cond = run.rows(args.n)
-        x = sample(run.field, noise.take(args.n), schedule, solver=args.solver, cond=cond)
+        z = NoiseSource(model.sample_shape, seed=args.seed, device=device).take(args.n)
+        take_cond = cond_reader(run.rows(args.n), args.n, "sample")
+
+        def block(rows: range):  # several processes: each samples a block, all get all
+            c = take_cond(rows)
+            return sample(run.field, z[rows.start : rows.stop], schedule, args.solver, cond=c)
+
+        x = dist.map_rows(block, args.n, z.device)
         written, notes = _save_samples(x, model, out, args.save_tensor, args.scale, name)
     for note in notes:
         print(f"note: {note}")
@@ -1032,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="sample from a model on one schedule and write a PNG grid",
-        description="Sample --n noises with one schedule: a schedule JSON from 'bossflow "
+        description="Sample --samples noises with one schedule: a schedule JSON from 'bossflow "
         "schedule' or --nfe K steps of a built-in --spacing. Images (1 or 3 channels) become a "
         "PNG grid, 2-D points a scatter plot; any other shape is saved as a tensor (.pt).",
     )
@@ -1049,7 +1055,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(SOLVERS),
         help="ODE solver (default: a sampler file's own, else euler)",
     )
-    p.add_argument("--n", type=_positive, default=64, help="number of samples")
+    p.add_argument(
+        "--samples", "--n", dest="n", type=_positive, default=64,
+        help="number of samples (--n: the old name; under torchrun use --samples, torchrun "
+        "reads --n as an abbreviation of its own options)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--scale", type=_positive, default=8, help="pixel upscaling of the grid")
     p.add_argument(
