@@ -244,8 +244,9 @@ def test_no_option_is_taken_by_torchrun():
 
 
 def test_cli_commands_under_torchrun_match_one_process(tmp_path):
-    """``torchrun -m bossflow schedule --method learned`` then ``evaluate``: the files one process
-    writes, written once (by rank 0), with the same contents to float rounding."""
+    """``torchrun -m bossflow`` schedule (with learned samplers), evaluate, sample and straighten
+    (LoRA, DDP): the files one process writes, written once, with the same contents to float
+    rounding."""
     import json
 
     from bossflow.cli import main
@@ -267,10 +268,18 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
             "--samples", "5", "--out", f"{where}/x.png", "--save-tensor", f"{where}/x.pt",
         ]  # fmt: skip
 
+    def straighten(where: str) -> list[str]:
+        return [
+            "straighten", "--model", "digits", "--schedule", f"{where}/s/schedule_nfe2.json",
+            "--pairs", "16", "--iterations", "4", "--batch-size", "8", "--lora-rank", "2",
+            "--out", f"{where}/b", "--quiet",
+        ]  # fmt: skip
+
     for args, once in (
         ([*schedule, "--out", "two/s"], "Bellman schedules"),
         (evaluate("two"), "report: "),
         (sample("two"), "5 samples"),
+        (straighten("two"), "wrote "),
     ):
         run = torchrun("-m", "bossflow", *args, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -280,6 +289,7 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
         assert main([*schedule, "--out", "one/s"]) == 0
         assert main(evaluate("one")) == 0
         assert main(sample("one")) == 0
+        assert main(straighten("one")) == 0
 
     def files(where: str) -> list[str]:
         root = tmp_path / where
@@ -296,6 +306,11 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
         np.testing.assert_allclose(
             [r[key] for r in two["records"]], [r[key] for r in one["records"]], rtol=1e-5
         )
+    from safetensors.torch import load_file
+
+    weights = [load_file(tmp_path / w / "b/model.safetensors") for w in ("two", "one")]
+    assert not any(k.startswith("module.") for k in weights[0])
+    assert max_rel(weights[0], weights[1]) <= 1e-4
     x = [torch.load(tmp_path / w / "x.pt") for w in ("two", "one")]
     torch.testing.assert_close(x[0], x[1], rtol=1e-5, atol=1e-6)
     cost = [np.load(tmp_path / w / "s/cost_matrix.npz") for w in ("two", "one")]
