@@ -319,6 +319,47 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
             np.testing.assert_allclose(cost[0][key], cost[1][key], rtol=1e-12, atol=0)
 
 
+def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path):
+    """The multi-node launch of the README, as two "nodes" of one process each on this machine
+    (c10d rendezvous; LOCAL_RANK is 0 on both): the schedule one process computes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BOSSFLOW_PROGRESS": "0"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    launch += ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=bossflow"]
+    args = ["schedule", "--model", "digits", "--samples", "12", "--kmax", "10", "--nfe", "2,3"]
+    args += ["--batch-size", "4", "--quiet"]
+    nodes = [
+        subprocess.Popen(
+            [*launch, "-m", "bossflow", *args, "--out", "two"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [node.communicate(timeout=120) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert sum(out.count("Bellman schedules") for out, _ in outs) == 1  # global rank 0 prints
+    from bossflow.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main([*args, "--out", "one"]) == 0
+    cost = [np.load(tmp_path / w / "cost_matrix.npz") for w in ("two", "one")]
+    for key in cost[1].files:
+        if cost[1][key].dtype.kind == "f":
+            np.testing.assert_allclose(cost[0][key], cost[1][key], rtol=1e-12, atol=0)
+    for k in (2, 3):
+        name = f"schedule_nfe{k}.json"
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
 def test_failing_rank_ends_the_job_with_its_message(tmp_path):
     (tmp_path / "failmod.py").write_text(_FAILING_MODULE)
     start = time.monotonic()
