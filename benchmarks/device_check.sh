@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU measurements still open, as one command for a machine with one CUDA device:
+#
+#     bash benchmarks/device_check.sh            # writes its logs to $OUT (default runs/device)
+#
+# 1. the scale-out issue's target: the NCSN++ CIFAR-10 cost matrix (256 noises x 100 Euler steps)
+#    in fp32, TF32, fp16 / bf16 autocast with channels-last, and compiled TF32 / fp16, each
+#    timed and compared with fp32 (benchmarks/bench_cost_precision.py);
+# 2. the library on the device against the CPU, and the demo's wall time there
+#    (benchmarks/gpu_check.py).
+# About 5-8 minutes on one H200 (compilation included); each step has its own time limit, so a
+# slow step leaves the others' results. Runs from a source checkout without installing
+# (PYTHONPATH=src): torch, numpy, safetensors and tqdm must be there already.
+# Smoke test on a CPU machine: DEVICE=cpu MODEL=digits SAMPLES=16 GRID=10 bash benchmarks/device_check.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BOSSFLOW_PROGRESS=0
+PY=${PYTHON:-python3}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    $PY -c "import torch, bossflow; print('torch', torch.__version__, 'bossflow', bossflow.__version__)"
+} 2>&1 | tee "$OUT/machine.txt" || exit 1
+
+DEVICE=${DEVICE:-cuda}
+timeout 420 $PY benchmarks/bench_cost_precision.py --model "${MODEL:-rectified-flow-cifar10}" \
+    --device "$DEVICE" --samples "${SAMPLES:-256}" --grid "${GRID:-100}" --batch-size 256 \
+    --settings tf32,tf32-cl,fp16-cl,bf16-cl,tf32-cl-compile,fp16-cl-compile \
+    2>&1 | tee "$OUT/cost_precision.md"
+
+if [ "$DEVICE" = cuda ]; then
+    timeout 240 $PY benchmarks/gpu_check.py --out /tmp/bossflow_gpu_check 2>&1 | tee "$OUT/gpu_check.md"
+fi
