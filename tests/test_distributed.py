@@ -78,6 +78,20 @@ def test_world_size_without_torchrun_variables_is_one_clear_error(monkeypatch):
         dist.init_from_env()
 
 
+def test_one_gpu_per_process_or_one_clear_error(monkeypatch):
+    """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK: more processes than
+    GPUs, or one ``cuda:N`` for several processes, stop before joining the group."""
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    for key, value in {**env, "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(dist.DistributedError, match="process 1 of this node has no GPU of its own"):
+        dist.init_from_env("cuda")
+    with pytest.raises(dist.DistributedError, match="all 2 processes of this node on one GPU"):
+        dist.init_from_env("cuda:0")
+    assert not torch.distributed.is_initialized()
+
+
 def test_sharding_options_on_one_process(tmp_path, capsys):
     from bossflow.cli import main
     from bossflow.errors import ConfigError

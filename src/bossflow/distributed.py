@@ -133,7 +133,7 @@ def init_from_env(device: str | None = None) -> bool:
     auto = device is None or str(device) == "auto"
     cuda = torch.cuda.is_available() if auto else str(device).startswith("cuda")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_cuda_index(str(device)))
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=_TIMEOUT)
     except (RuntimeError, ValueError, OSError) as err:
@@ -144,6 +144,26 @@ def init_from_env(device: str | None = None) -> bool:
         ) from None
     _INITIALISED_HERE = True
     return is_distributed()
+
+
+def _cuda_index(device: str) -> int:
+    """This process's GPU: its ``LOCAL_RANK``, or the one ``device`` names when the node runs one
+    process; an index named for several processes, or too few GPUs, is one clear error."""
+    local, per_node = int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("LOCAL_WORLD_SIZE")
+    if ":" in device:
+        if int(per_node or 1) > 1:
+            raise DistributedError(
+                f"--device {device} would put all {per_node} processes of this node on one GPU; "
+                "under torchrun give --device cuda (each process takes the GPU of its LOCAL_RANK)"
+            )
+        return torch.device(device).index or 0
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise DistributedError(
+            f"process {local} of this node has no GPU of its own: {count} visible "
+            "(CUDA_VISIBLE_DEVICES); launch at most that many with --nproc_per_node"
+        )
+    return local
 
 
 def shutdown() -> None:
