@@ -89,6 +89,9 @@ def test_one_gpu_per_process_or_one_clear_error(monkeypatch):
         dist.init_from_env("cuda")
     with pytest.raises(dist.DistributedError, match="all 2 processes of this node on one GPU"):
         dist.init_from_env("cuda:0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node names its GPU itself
+    with pytest.raises(dist.DistributedError, match="unknown --device 'cuda:x'"):
+        dist.init_from_env("cuda:x")
     assert not torch.distributed.is_initialized()
 
 

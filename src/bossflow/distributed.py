@@ -156,7 +156,10 @@ def _cuda_index(device: str) -> int:
                 f"--device {device} would put all {per_node} processes of this node on one GPU; "
                 "under torchrun give --device cuda (each process takes the GPU of its LOCAL_RANK)"
             )
-        return torch.device(device).index or 0
+        try:
+            return torch.device(device).index or 0
+        except RuntimeError:
+            raise DistributedError(f"unknown --device {device!r}; use cuda or cuda:N") from None
     count = torch.cuda.device_count()
     if local >= count:
         raise DistributedError(
