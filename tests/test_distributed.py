@@ -95,6 +95,7 @@ def test_one_gpu_per_process_or_one_clear_error(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
 def test_sharding_options_on_one_process(tmp_path, capsys):
     from bossflow.cli import main
     from bossflow.errors import ConfigError
@@ -119,6 +120,7 @@ def test_sharding_options_on_one_process(tmp_path, capsys):
 # -- two ranks ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     """Cost matrix to 1e-12 relative, identical schedules and pairs (and shards), full and LoRA
     straightening with the same global batch to 1e-4, LoRA adapters equal on both ranks."""
@@ -166,6 +168,7 @@ def test_two_ranks_match_one_process(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
+@pytest.mark.slow
 def test_killed_at_two_ranks_resumes_at_one_then_two(tmp_path):
     """2 ranks stop after the checkpoint at 3, one process continues past the one at 6, two ranks
     finish at 9: the weights of an uninterrupted single-process run."""
@@ -191,6 +194,7 @@ def test_killed_at_two_ranks_resumes_at_one_then_two(tmp_path):
     assert max_rel(resumed, whole.module.state_dict()) <= 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_full_fine_tuning_is_the_ddp_run_and_resumes_unsharded(tmp_path):
     """FSDP2 over 2 ranks is the same optimisation as DDP over 2 ranks (to float rounding), its
     checkpoint holds plain full tensors, and one unsharded process resumes it."""
@@ -260,6 +264,7 @@ def test_no_option_is_taken_by_torchrun():
     assert taken == ["sample --n"]  # kept as an alias; --samples is the name to use under torchrun
 
 
+@pytest.mark.slow
 def test_cli_commands_under_torchrun_match_one_process(tmp_path):
     """``torchrun -m bossflow`` schedule (with learned samplers), evaluate, sample and straighten
     (LoRA, DDP): the files one process writes, written once, with the same contents to float
@@ -336,6 +341,44 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
             np.testing.assert_allclose(cost[0][key], cost[1][key], rtol=1e-12, atol=0)
 
 
+@pytest.mark.slow
+def test_rectified_flow_checkpoint_straightens_on_two_ranks(tmp_path):
+    """The README's torchrun example on NCSN++ (the tiny released-layout checkpoint of the
+    fixtures): LoRA through DDP and full fine-tuning through FSDP2 give the one-process weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from bossflow.cli import main
+    from bossflow.spec import load_model
+
+    fixtures = HERE / "fixtures" / "rectified_flow"
+    config = json.loads((fixtures / "tiny_cifar_like.json").read_text())["config"]
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    model = ["--model", f"rectified-flow:{tmp_path / 'tiny.json'}", "--device", "cpu"]
+    model += ["--checkpoint", str(fixtures / "tiny_cifar_like_checkpoint.pth")]
+    loaded = load_model(model[1], checkpoint=model[5]).field.network.state_dict()
+    original = {k: v.clone() for k, v in loaded.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        args = ["schedule", *model, "--nfe", "2", "--kmax", "6", "--samples", "4", "--quiet"]
+        assert main([*args, "--out", "s"]) == 0
+        train = ["straighten", *model, "--schedule", "s/schedule_nfe2.json", "--pairs", "8"]
+        train += ["--iterations", "3", "--batch-size", "4", "--quiet"]
+        for name, extra in (("lora", ["--lora-rank", "4"]), ("full", [])):
+            assert main([*train, *extra, "--out", f"one-{name}"]) == 0
+    for name, extra in (("lora", ["--lora-rank", "4"]), ("full", ["--sharding", "fsdp"])):
+        run = torchrun("-m", "bossflow", *train, *extra, "--out", f"two-{name}", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        two, one = (
+            load_file(tmp_path / f"{w}-{name}" / "model.safetensors") for w in ("two", "one")
+        )
+        assert max_rel(two, one) <= 1e-4, name
+        moved = max(float((one[k] - original[k]).abs().max()) for k in one)
+        assert moved > 1e-6, name  # the runs trained
+
+
+@pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path):
     """The multi-node launch of the README, as two "nodes" of one process each on this machine
     (c10d rendezvous; LOCAL_RANK is 0 on both): the schedule one process computes."""
@@ -377,6 +420,7 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
+@pytest.mark.slow
 def test_failing_rank_ends_the_job_with_its_message(tmp_path):
     (tmp_path / "failmod.py").write_text(_FAILING_MODULE)
     start = time.monotonic()
