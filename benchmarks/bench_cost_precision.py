@@ -106,32 +106,6 @@ def main() -> None:
         if compiled and not (args.compile or args.settings != "all"):
             continue  # compiled variants: with --compile, or when named
         settings.append((label, tf32, amp, channels_last, compiled))
-    rows, reference = [], None
-    for label, tf32, amp, channels_last, compiled in settings:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        field = base
-        if amp is not None or (channels_last and len(shape) == 3):
-            field = Precision(base, amp, channels_last and len(shape) == 3)
-        if compiled:
-            field = torch.compile(field)
-        with torch.inference_mode():
-            cost_matrix(field, noise[: args.batch_size], grid=4, batch_size=args.batch_size)
-            _sync(device)  # warm-up (and compilation) above, timing below
-            start = time.perf_counter()
-            cost = cost_matrix(field, noise, grid=args.grid, batch_size=args.batch_size)
-            _sync(device)
-            seconds = time.perf_counter() - start
-        values = cost.values
-        schedules = bellman_schedules(cost, budgets)
-        if reference is None:
-            reference = (values, schedules)
-        rel = float(np.abs(values - reference[0]).max() / np.abs(reference[0]).max())
-        same = all(np.array_equal(schedules[k].times, reference[1][k].times) for k in budgets)
-        rows.append((label, seconds, rel, same))
-        if channels_last:  # back to the default layout for the next setting
-            base.to(memory_format=torch.contiguous_format)
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     weights = ""
     if args.model != "digits":
@@ -139,11 +113,56 @@ def main() -> None:
     print(f"{args.model}{weights} on {name}, torch {torch.__version__}: cost matrix of "
           f"{args.samples} noises x {args.grid} Euler steps, batch {args.batch_size}")  # fmt: skip
     print()
-    print("| setting | seconds | max rel. error vs fp32 | Bellman schedules (NFE "
-          f"{args.budgets}) as fp32 |")  # fmt: skip
-    print("|---|---:|---:|---|")
-    for label, seconds, rel, same in rows:
-        print(f"| {label} | {seconds:.2f} | {rel:.1e} | {'yes' if same else 'no'} |")
+    print("| setting | seconds | first call (s) | max rel. error vs fp32 | Bellman schedules (NFE "
+          f"{args.budgets}) as fp32 |", flush=True)  # fmt: skip
+    print("|---|---:|---:|---:|---|", flush=True)
+
+    reference = None
+    for label, tf32, amp, channels_last, compiled in settings:
+        # each row is printed when measured, and a setting that fails is a row too: a run cut
+        # short by a time limit, or a compiler that fails, keeps what was measured
+        try:
+            row = _measure(base, shape, noise, args, budgets, device, tf32, amp, channels_last,
+                           compiled)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - reported in the table, the next setting runs
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:150]
+            print(f"| {label} | failed: {type(err).__name__}: {first} | | | |", flush=True)
+            if reference is None:
+                raise
+            continue
+        finally:
+            if channels_last:  # back to the default layout for the next setting
+                base.to(memory_format=torch.contiguous_format)
+        seconds, warmup_s, values, schedules = row
+        if reference is None:
+            reference = (values, schedules)
+        rel = float(np.abs(values - reference[0]).max() / np.abs(reference[0]).max())
+        same = all(np.array_equal(schedules[k].times, reference[1][k].times) for k in budgets)
+        print(
+            f"| {label} | {seconds:.2f} | {warmup_s:.1f} | {rel:.1e} | {'yes' if same else 'no'} |",
+            flush=True,
+        )
+
+
+def _measure(base, shape, noise, args, budgets, device, tf32, amp, channels_last, compiled):
+    """One setting: (seconds, warm-up seconds, cost values, Bellman schedules)."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    field = base
+    if amp is not None or (channels_last and len(shape) == 3):
+        field = Precision(base, amp, channels_last and len(shape) == 3)
+    if compiled:
+        field = torch.compile(field)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        cost_matrix(field, noise[: args.batch_size], grid=4, batch_size=args.batch_size)
+        _sync(device)  # warm-up (and compilation) above, timing below
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cost = cost_matrix(field, noise, grid=args.grid, batch_size=args.batch_size)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, warmup_s, cost.values, bellman_schedules(cost, budgets)
 
 
 if __name__ == "__main__":
