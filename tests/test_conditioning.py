@@ -222,6 +222,23 @@ def test_flow_matching_models_with_batched_time_are_called_once_per_step():
     assert scalar.network.calls == 5  # one per distinct time
 
 
+def test_fsdp_refuses_a_flow_matching_model_whose_calls_could_differ(tmp_path, monkeypatch):
+    """Sharded forward passes are collective: a model called once per distinct time (or not yet
+    detected) could make another number of calls on each rank, so FSDP asks for batched time."""
+    from bossflow import distributed as dist
+
+    schedule = uniform(2)
+    field = FlowMatchingField(FMBatched())
+    pairs = make_pairs(field, NoiseSource((D,), 0), schedule, tmp_path, GRID, 8)
+    for name, value in (("is_distributed", True), ("world_size", 1), ("rank", 0)):
+        monkeypatch.setattr(dist, name, lambda v=value: v)  # the check precedes any collective
+    config = StraightenConfig(iterations=1, batch_size=4, holdout=0, sharding="fsdp")
+    for batched in (None, False):
+        undetected = FlowMatchingField(FMBatched(), batched_time=batched)
+        with pytest.raises(ConfigError, match="batched_time=True"):
+            straighten(undetected, pairs, schedule, config, progress=False)
+
+
 def test_flow_matching_straightening_makes_one_model_call_per_step(tmp_path):
     model = FMBatched()
     field = FlowMatchingField(model, batched_time=True)
