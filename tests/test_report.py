@@ -252,6 +252,19 @@ def test_failure_while_writing_the_report_leaves_no_results_json(tmp_path, monke
     assert not (out / "results.json").exists()
 
 
+def test_other_ranks_leave_the_report_to_rank_zero(tmp_path, monkeypatch):
+    """Under torchrun a rank > 0 reaching write_report after rank 0 finished must not remove the
+    finished results.json (it did: every rank unlinked it first)."""
+    import bossflow.distributed as dist
+
+    out = tmp_path / "out"
+    write_report(out, records())  # rank 0's complete report
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    monkeypatch.setattr(dist, "is_rank_zero", lambda: False)
+    assert write_report(out, records()[:3]) == out / "report.md"
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+
+
 def test_reference_is_a_horizontal_line_and_plots_have_titles(tmp_path, monkeypatch):
     import bossflow.report as report
 

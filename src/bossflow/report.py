@@ -632,6 +632,10 @@ def write_report(
     Returns:
         Path of ``report.md``.
     """
+    from .distributed import is_rank_zero
+
+    if not is_rank_zero():  # several processes: the report is rank 0's (no collective below)
+        return Path(out_dir) / "report.md"
     out = ensure_dir(out_dir)
     recs = _sorted(_as_records(records))
     extra = dict(extra or {})
