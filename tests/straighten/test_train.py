@@ -282,3 +282,56 @@ def test_amp_and_cosine_schedule_run(setup):
     assert [dtype for training, dtype in seen_amp if training] == [torch.bfloat16] * 6
     assert {dtype for training, dtype in seen_amp if not training} == {torch.float32}
     assert {dtype for _, dtype in seen} == {torch.float32}  # amp=False: no autocast
+
+
+class DropoutField(TinyField):
+    """TinyField with dropout in training mode and a fixed (non-trainable) input scale, like
+    NCSN++'s dropout and its frozen Fourier features."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.fixed = nn.Parameter(torch.tensor(1.5), requires_grad=False)
+
+    def forward(self, x, t):
+        return self.drop(super().forward(self.fixed * x, t))
+
+
+def test_dropout_is_seeded_per_step_and_per_rank_and_frozen_weights_stay_frozen(
+    setup, monkeypatch, tmp_path
+):
+    """Dropout masks come from (seed, rank, iteration): the same weights whatever torch's global
+    generator held, other masks on another rank (two processes must not share them), a resumed
+    run equals the uninterrupted one; a weight the module does not train is not trained."""
+    from bossflow.straighten import train as train_module
+
+    _, schedule, train, _ = setup
+    torch.manual_seed(0)
+    field = DropoutField()
+    cfg = config(iterations=6, checkpoint_every=3, eval_every=3)
+
+    def run(global_seed, out=None, stop=None):
+        torch.manual_seed(global_seed)
+
+        def callback(info):
+            if stop is not None and info["iteration"] == stop:
+                raise KeyboardInterrupt
+
+        r = straighten(field, train, schedule, cfg, out, progress=False, callback=callback)
+        return {k: v.clone() for k, v in r.module.state_dict().items()}, r.module
+
+    a, module = run(1)
+    b, _ = run(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the global generator does not matter
+    assert torch.rand(()) == torch.rand((), generator=torch.Generator().manual_seed(2))  # restored
+    assert a["fixed"] == 1.5 and not module.fixed.requires_grad  # frozen, and still frozen
+    assert module.net[0].weight.requires_grad and not module.training
+    with pytest.raises(KeyboardInterrupt):
+        run(3, tmp_path / "r", stop=4)
+    resumed, _ = run(4, tmp_path / "r")
+    assert all(torch.equal(a[k], resumed[k]) for k in a)
+    # the same run's masks as process 1 of several would draw them
+    real = train_module._step_seed
+    monkeypatch.setattr(train_module, "_step_seed", lambda seed, rank, it: real(seed, 1, it))
+    other, _ = run(1)
+    assert not torch.equal(a["net.0.weight"], other["net.0.weight"])

@@ -37,7 +37,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -716,6 +716,11 @@ class _Run:
 # the loop
 
 
+def _step_seed(seed: int, rank: int, iteration: int) -> int:
+    """The global generators' seed for one training step of one process."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def straighten(
     field_module: nn.Module,
     pairs: PairStore,
@@ -809,9 +814,10 @@ def straighten(
         model, params = _add_lora(
             model, config.lora_rank, config.lora_alpha, generator, config.lora_targets
         )
-    else:
-        model.requires_grad_(True)
-        params = list(model.parameters())
+    else:  # the weights the module trains (NCSN++'s fixed Fourier features stay fixed), or all
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:  # a module frozen for inference by its caller
+            params = list(model.requires_grad_(True).parameters())
     if not params:
         raise ConfigError(f"{type(field_module).__name__} has no parameters to fine-tune")
     sharded = config.sharding == "fsdp" and dist.is_distributed()
@@ -824,7 +830,7 @@ def straighten(
         )
     if sharded:  # FSDP2, in place: the parameters become shards (DTensors)
         sharding.shard(model)
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     run = _Run(
         model,
@@ -909,8 +915,14 @@ def straighten(
     )
     shown = None  # smoothed loss for the progress bar
     start_time = time.perf_counter()
+    # the model's own randomness (dropout) draws from torch's global generators: fork them and
+    # seed each step from (seed, rank, iteration), so a run is reproducible, resumes to the same
+    # weights, and the processes of a multi-process run draw different masks for their rows
+    rng = ExitStack()
+    rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
     try:
         while state.iteration < config.iterations:
+            torch.manual_seed(_step_seed(config.seed, dist.rank(), state.iteration))
             lr = _learning_rate(state.iteration, config)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
@@ -963,6 +975,7 @@ def straighten(
                 dist.barrier()  # a failed write stops every process here
     finally:
         bar.close()
+        rng.close()  # torch's global generators as they were before training
     state.wall_s += time.perf_counter() - start_time
 
     # the weights to return: the best recorded, else the EMA, else the raw ones
@@ -980,7 +993,10 @@ def straighten(
     if config.lora_rank > 0:
         lora = lora_adapter(model, config.lora_rank, config.lora_alpha)  # before merging
         model = model.merge_and_unload()  # plain layers, adapters folded into the weights
-    model.requires_grad_(True).eval()
+    trainable = {name: p.requires_grad for name, p in field_module.named_parameters()}
+    for name, p in model.named_parameters():  # as the input was (frozen parts stay frozen)
+        p.requires_grad_(trainable.get(name, True))
+    model.eval()
     return StraightenResult(
         module=model,
         history=state.history,
