@@ -564,6 +564,7 @@ def _save_samples(x, model, out: Path, save_tensor: str | None, scale: int, titl
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import copy
 
+    from . import distributed
     from .evaluation import EvalEntry, evaluate_methods
     from .io import ensure_dir
     from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
@@ -607,7 +608,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"two schedules would both be reported as {clash[0]} at {clash[1]} NFE; evaluate them "
             "in separate runs, or label them with --method"
         )
-    for line in warnings:
+    for line in warnings if distributed.is_rank_zero() else ():  # said once, not per process
         print(f"bossflow evaluate: warning: {line}", file=sys.stderr)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(args.samples))
@@ -694,11 +695,13 @@ def _reference_in_chunks(field, noise, steps: int, progress: bool, chunk: int = 
     """:func:`reference_solve` of ``noise`` in chunks, with a progress bar on a terminal."""
     import torch
 
+    from . import distributed
     from .noise import cond_reader
     from .progress import progress_bar
     from .solvers import reference_solve
 
     take_cond = cond_reader(cond, noise.shape[0], "the reference solve")
+    chunk *= distributed.world_size()  # several processes: each solves `chunk` of every chunk
     parts = []
     with progress_bar(
         total=noise.shape[0], desc="reference", unit="noise", enabled=progress
@@ -1307,8 +1310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints
         if distributed.init_from_env(getattr(args, "device", None)) and distributed.rank() > 0:
             import os
+            import warnings
 
             args.quiet, sys.stdout = True, open(os.devnull, "w")  # noqa: SIM115
+            warnings.simplefilter("ignore")  # rank 0 shows the same warnings once
         if args.command in _WRITES_OUT_FOLDER:  # one run at a time per output folder
             from .io import output_lock
 

@@ -59,6 +59,7 @@ _POLL_S = 0.05  # how often a waiting rank looks for a peer's failure
 _TIMEOUT = datetime.timedelta(minutes=30)  # gloo/nccl's own limit, the last resort
 
 _INITIALISED_HERE = False
+_FAILED = False  # this process failed or saw a peer fail: collectives may be left pending
 
 
 def _dist():
@@ -170,10 +171,20 @@ def _cuda_index(device: str) -> int:
 
 
 def shutdown() -> None:
-    """Destroy the process group if :func:`init_from_env` created it."""
+    """Destroy the process group if :func:`init_from_env` created it.
+
+    After a failure a collective may be pending that will never complete; destroying an NCCL
+    group waits for it (a hang on the surviving nodes), so the group is aborted instead.
+    """
     global _INITIALISED_HERE
     if _INITIALISED_HERE and _dist().is_initialized():
-        _dist().destroy_process_group()
+        if _FAILED and _dist().get_backend() == "nccl":
+            from torch.distributed import distributed_c10d
+
+            with contextlib.suppress(Exception):  # experimental API; the process ends anyway
+                distributed_c10d._abort_process_group()
+        else:
+            _dist().destroy_process_group()
     _INITIALISED_HERE = False
 
 
@@ -189,8 +200,10 @@ def _store() -> Any:
 
 
 def _raise_if_peer_failed(store: Any) -> None:
+    global _FAILED
     if store is not None and store.check([_ERROR_KEY]):
         message = store.get(_ERROR_KEY).decode(errors="replace")
+        _FAILED = True
         raise PeerFailedError(f"another process failed: {message}")
 
 
@@ -201,10 +214,12 @@ def report_failure(err: BaseException) -> bool:
     for a :class:`~bossflow.errors.PeerFailedError` (the peer prints its own) and for later
     failures (one message per job).
     """
+    global _FAILED
     if isinstance(err, PeerFailedError):
         return False
     if not is_distributed():
         return True
+    _FAILED = True
     if hasattr(err, "_bossflow_first"):  # reported already, e.g. by fail_together on its way up
         return err._bossflow_first
     store = _store()
@@ -322,8 +337,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (what ``src`` read from a file, a decision, ...)."""
     if not is_distributed():
         return obj
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if rank() == src else b""
-    return pickle.loads(_all_gather_bytes(data)[src])  # noqa: S301
+    # a size, then one buffer of it: each rank holds the object's bytes once (a checkpoint sent
+    # to N ranks through an all-gather took N copies on every rank)
+    dist, dev, mine = _dist(), _device(), rank() == src
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if mine else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    _wait(dist.broadcast(size, src, async_op=True), "receiving a size")
+    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    if mine:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    del data
+    _wait(dist.broadcast(buf, src, async_op=True), f"receiving rank {src}'s data")
+    return obj if mine else pickle.loads(buf.cpu().numpy().tobytes())  # noqa: S301
 
 
 def barrier() -> None:
@@ -374,4 +399,6 @@ def map_rows(fn: Callable[[range], Tensor], total: int, device: torch.device | s
         if len(block):
             part = fn(block).detach().cpu()
     parts = [p for p in all_gather_object(part) if p is not None]
+    if not parts:  # no rows at all: what one process returns
+        return fn(range(0))
     return torch.cat(parts).to(device)

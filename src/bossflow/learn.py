@@ -590,7 +590,8 @@ def learn_sampler(
                         stale += 1
                     wall_s += time.perf_counter() - start
                     start = time.perf_counter()
-                    save()
+                    with dist.fail_together():  # rank 0 writes; the others wait in a sum
+                        save()
         finally:
             bar.close()
     kept_start = False
