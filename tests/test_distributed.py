@@ -95,6 +95,18 @@ def test_one_gpu_per_process_or_one_clear_error(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_train_base_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    """Every process would train the same model in full: one clear line instead."""
+    from bossflow.cli import main
+
+    patches = (("is_distributed", True), ("rank", 0), ("world_size", 2), ("report_failure", True))
+    for name, value in patches:
+        monkeypatch.setattr(dist, name, lambda *a, v=value: v)
+    assert main(["train-base", "--steps", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "run it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "digits.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_sharding_options_on_one_process(tmp_path, capsys):
     from bossflow.cli import main

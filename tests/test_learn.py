@@ -99,6 +99,15 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     assert resumed.history == full.history
     with pytest.raises(CheckpointError, match="another sampler-learning run"):
         learn_sampler(field, z, teacher, 2, cfg(iterations=30, lr=0.2), out_dir=tmp_path / "b")
+    # the teacher solved in other batches (another number of processes) rounds in the last bits:
+    # still this run; another teacher is not
+    rounded = teacher * (
+        1 + 1e-7 * torch.randn(teacher.shape, generator=torch.Generator().manual_seed(0))
+    )
+    again = learn_sampler(field, z, rounded, 2, config, out_dir=tmp_path / "b")
+    assert again.history == full.history  # read from the checkpoint: nothing left to run
+    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+        learn_sampler(field, z, 1.01 * teacher, 2, config, out_dir=tmp_path / "b")
     other = nn.Linear(1, 1)  # another model with the same teacher: not resumed from this one
 
     def shifted(x, t):

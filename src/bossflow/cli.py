@@ -209,9 +209,10 @@ def _output_dir(path: str | Path) -> Iterator[Path]:
         _check_writable(out)
         yield out
     except BaseException:
+        from .distributed import is_rank_zero
         from .io import LOCK_FILE
 
-        for folder in created:
+        for folder in created if is_rank_zero() else ():  # rank 0's folder and lock, not others'
             try:
                 # a lock file this run took (and has released by now) does not count as content
                 if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
@@ -894,8 +895,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- train-base ----------------------------------------------------------------------------------
 def cmd_train_base(args: argparse.Namespace) -> int:
+    from . import distributed
     from .io import ensure_dir
     from .recipes.digits import train_and_save
+
+    if distributed.is_distributed():  # every process would train the same model in full
+        raise ConfigError(
+            "train-base trains the small built-in models on one process; run it without torchrun"
+        )
 
     out = ensure_dir(args.out)
     flow = {"steps": args.steps} if args.steps else {}
