@@ -74,12 +74,17 @@ def train(
     stop=None,
     sharding="ddp",
 ):
+    losses = []
+
     def callback(info):
+        losses.append(float(info["loss"]))
         if stop is not None and info["iteration"] == stop:
             raise Stop(f"stopped at iteration {stop}")
 
     conf = config(lora, iterations, sharding)
-    return straighten(field(), pair_store, schedule, conf, out, False, callback)
+    result = straighten(field(), pair_store, schedule, conf, out, False, callback)
+    result.losses = losses  # what the callback saw, step by step
+    return result
 
 
 def evaluate(scheds, out: Path) -> dict:
@@ -121,6 +126,7 @@ def run_all(out: Path) -> dict:
         r = train(store, scheds[2], lora, None)
         result[f"weights_{lora}"] = {k: v.clone() for k, v in r.module.state_dict().items()}
         result[f"history_{lora}"] = r.history
+        result[f"losses_{lora}"] = r.losses
         if lora:
             result["lora_adapters"] = {k: v.clone() for k, v in r.lora.state.items()}
     return result

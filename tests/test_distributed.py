@@ -169,6 +169,8 @@ def test_two_ranks_match_one_process(tmp_path):
         assert not any(k.startswith("module.") for k in two[f"weights_{lora}"])
         h1, h2 = one[f"history_{lora}"], two[f"history_{lora}"]
         assert [h["iteration"] for h in h1] == [h["iteration"] for h in h2]
+        # the callback's loss is the global batch's, not this rank's share's
+        np.testing.assert_allclose(two[f"losses_{lora}"], one[f"losses_{lora}"], rtol=1e-4)
         np.testing.assert_allclose(
             [h["heldout_loss"] for h in h2], [h["heldout_loss"] for h in h1], rtol=1e-4
         )

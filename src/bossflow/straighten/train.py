@@ -746,9 +746,9 @@ def straighten(
             the same run there resumes from it. ``None``: no files.
         progress: show a progress bar with the loss (on a terminal only).
         callback: called after every iteration with ``{"iteration", "loss", "lr", "model"}``
-            (``loss`` a 0-dim tensor; ``model`` the module being trained, with its raw weights
-            and, under LoRA, the peft wrapper). Raising from it stops the run; the last checkpoint
-            stays for a resume.
+            (``loss`` a 0-dim tensor, the global batch's under torchrun; ``model`` the module
+            being trained, with its raw weights and, under LoRA, the peft wrapper). Raising from
+            it stops the run; the last checkpoint stays for a resume.
         cond: the per-sample conditioning the pairs were made with (the same ``cond=`` as
             :func:`~bossflow.straighten.make_pairs`); each training batch takes the rows of its
             noises. A :class:`~bossflow.field.Guided` ``field_module`` is straightened under its
@@ -954,8 +954,9 @@ def straighten(
                 loss_value = float(dist.all_reduce_sum_float64(torch.tensor(loss_value))) / world
             state.loss_sum, state.loss_count = state.loss_sum + loss_value, state.loss_count + 1
             if callback is not None:
+                step_loss = loss.detach() if world == 1 else loss.new_tensor(loss_value)
                 callback(
-                    {"iteration": state.iteration, "loss": loss.detach(), "lr": lr, "model": model}
+                    {"iteration": state.iteration, "loss": step_loss, "lr": lr, "model": model}
                 )
             last = state.iteration == config.iterations
             if last or (config.eval_every and state.iteration % config.eval_every == 0):
