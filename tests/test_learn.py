@@ -108,6 +108,14 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     assert again.history == full.history  # read from the checkpoint: nothing left to run
     with pytest.raises(CheckpointError, match="another sampler-learning run"):
         learn_sampler(field, z, 1.01 * teacher, 2, config, out_dir=tmp_path / "b")
+    # a checkpoint of the earlier layout (the teacher's exact sum) still resumes
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    del ckpt["identity"]["teacher_norm"]
+    ckpt["identity"]["teacher_sum"] = float(teacher.double().sum())
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
+    assert (
+        learn_sampler(field, z, teacher, 2, config, out_dir=tmp_path / "b").history == full.history
+    )
     other = nn.Linear(1, 1)  # another model with the same teacher: not resumed from this one
 
     def shifted(x, t):

@@ -370,12 +370,16 @@ def _batch_backward(
     return float(flat[0])
 
 
-def _same_run(saved: dict | None, mine: dict) -> bool:
-    """Whether a checkpoint's identity is this run's: equal, the teacher's norm to 1e-5."""
-    if not isinstance(saved, dict) or "teacher_norm" not in saved:
+def _same_run(saved: dict | None, mine: dict, teacher: Tensor) -> bool:
+    """Whether a checkpoint's identity is this run's: equal, the teacher's norm to 1e-5
+    (checkpoints of bossflow 0.1.0 before it recorded the norm: the teacher's exact sum)."""
+    if not isinstance(saved, dict):
         return False
     a, b = dict(saved), dict(mine)
-    return math.isclose(a.pop("teacher_norm"), b.pop("teacher_norm"), rel_tol=1e-5) and a == b
+    norm = b.pop("teacher_norm")
+    if "teacher_norm" in a:
+        return math.isclose(a.pop("teacher_norm"), norm, rel_tol=1e-5) and a == b
+    return a.pop("teacher_sum", None) == float(teacher.double().sum()) and a == b
 
 
 def _holdout(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarray]:
@@ -508,7 +512,7 @@ def learn_sampler(
     if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
         with dist.fail_together():
             ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-            if not _same_run(ckpt.get("identity"), identity):
+            if not _same_run(ckpt.get("identity"), identity, teacher):
                 raise CheckpointError(
                     f"{ckpt_path} was made by another sampler-learning run (other settings, "
                     "budget, initial times or teacher); delete it or use another folder"

@@ -10,6 +10,7 @@ from torch import nn
 from bossflow.bellman import bellman_schedules, cost_matrix
 from bossflow.errors import BossflowError, CheckpointError, ConfigError
 from bossflow.field import AffineGaussianField
+from bossflow.models.ncsnpp import GaussianFourierProjection
 from bossflow.noise import NoiseSource
 from bossflow.schedule import Schedule, uniform
 from bossflow.straighten import (
@@ -292,9 +293,11 @@ class DropoutField(TinyField):
         super().__init__()
         self.drop = nn.Dropout(0.3)
         self.fixed = nn.Parameter(torch.tensor(1.5), requires_grad=False)
+        self.fourier = GaussianFourierProjection(2)  # NCSN++'s time features: W never trains
 
     def forward(self, x, t):
-        return self.drop(super().forward(self.fixed * x, t))
+        x = self.fixed * x + 0.1 * self.fourier(t)[:, :2]
+        return self.drop(super().forward(x, t))
 
 
 def test_dropout_is_seeded_per_step_and_per_rank_and_frozen_weights_stay_frozen(
@@ -335,3 +338,8 @@ def test_dropout_is_seeded_per_step_and_per_rank_and_frozen_weights_stay_frozen(
     monkeypatch.setattr(train_module, "_step_seed", lambda seed, rank, it: real(seed, 1, it))
     other, _ = run(1)
     assert not torch.equal(a["net.0.weight"], other["net.0.weight"])
+    # a module frozen for inference trains in full, except the parameters it declares fixed
+    field.requires_grad_(False)
+    frozen, module = run(1)
+    assert torch.equal(frozen["fourier.W"], field.fourier.W) and frozen["fixed"] != 1.5
+    assert not any(p.requires_grad for p in module.parameters())  # returned as it came

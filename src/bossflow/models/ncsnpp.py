@@ -324,6 +324,10 @@ class GaussianFourierProjection(nn.Module):
         scale: standard deviation of ``W`` at initialisation.
     """
 
+    #: parameters that never train (a parameter, not a buffer, as in the released checkpoints);
+    #: straightening keeps them fixed even when the whole module comes in frozen
+    fixed_parameters = ("W",)
+
     def __init__(self, embedding_size: int = 256, scale: float = 1.0):
         super().__init__()
         self.W = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)

@@ -721,6 +721,15 @@ def _step_seed(seed: int, rank: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def _seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generators the model's dropout draws from: the CPU's and ``device``'s (both
+    forked by the caller), and no other device's (``torch.manual_seed`` would seed them all)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def straighten(
     field_module: nn.Module,
     pairs: PairStore,
@@ -816,8 +825,12 @@ def straighten(
         )
     else:  # the weights the module trains (NCSN++'s fixed Fourier features stay fixed), or all
         params = [p for p in model.parameters() if p.requires_grad]
-        if not params:  # a module frozen for inference by its caller
-            params = list(model.requires_grad_(True).parameters())
+        if not params:  # a module frozen for inference by its caller: all but the fixed ones
+            fixed = {
+                id(getattr(m, name)) for m in model.modules()
+                for name in getattr(m, "fixed_parameters", ())
+            }  # fmt: skip
+            params = [p.requires_grad_(True) for p in model.parameters() if id(p) not in fixed]
     if not params:
         raise ConfigError(f"{type(field_module).__name__} has no parameters to fine-tune")
     sharded = config.sharding == "fsdp" and dist.is_distributed()
@@ -922,7 +935,7 @@ def straighten(
     rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
     try:
         while state.iteration < config.iterations:
-            torch.manual_seed(_step_seed(config.seed, dist.rank(), state.iteration))
+            _seed_step(_step_seed(config.seed, dist.rank(), state.iteration), device)
             lr = _learning_rate(state.iteration, config)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
