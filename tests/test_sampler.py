@@ -101,6 +101,13 @@ def test_exports_only_for_plain_euler():
     plain = Sampler([0.0, 0.25, 1.0], "euler", [1.0, 1.0])
     assert plain.to_diffusers_sigmas() == Schedule([0.0, 0.25, 1.0]).to_diffusers_sigmas()
     assert plain.to_time_grid().tolist() == [0.0, 0.25, 1.0]
+    # times at least float32 beside bf16 states (bf16 made 0.996 and 0.998 one time)
+    close = Schedule([0.0, 0.5, 0.996, 0.998, 1.0]).to_time_grid(
+        torch.zeros(1, dtype=torch.bfloat16)
+    )
+    assert close.dtype == torch.float32 and close.unique().numel() == 5
+    grid64 = plain.to_time_grid(torch.zeros(1, dtype=torch.float64))
+    assert grid64.dtype == torch.float64
     for other in (Sampler([0.0, 0.25, 1.0], "ab2"), Sampler([0.0, 0.25, 1.0], "euler", [1.2, 1])):
         with pytest.raises(ConfigError, match="bossflow.sample"):
             other.to_diffusers_sigmas()

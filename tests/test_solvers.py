@@ -60,6 +60,16 @@ def test_dtype_device_and_no_grad():
     z64 = z.double()
     w.double()
     assert sample(field, z64, uniform(2)).dtype == torch.float64
+    # bf16 states and a field answering in float32 (e.g. it concatenates a float32 time): the
+    # solve stays in the states' dtype, every solver and the reference solve alike
+    w.float()
+    zb = z.bfloat16()
+    upcast = lambda x, t: w(x.float())  # noqa: E731
+    for solver in ("euler", "heun", "midpoint", "ab2", "ab3"):
+        assert sample(upcast, zb, uniform(4), solver=solver).dtype == torch.bfloat16, solver
+    assert reference_solve(upcast, zb, steps=4).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match=r"for a NoiseSource pass noise.take\(B\)"):
+        sample(field, bossflow.NoiseSource((4,), seed=0), uniform(2))
 
 
 def test_reference_solves(z):

@@ -9,11 +9,11 @@ Typical use::
     model = bossflow.load_model("digits")                        # the same specs as the CLI
     field = model.field
     noise = bossflow.NoiseSource(model.sample_shape, seed=0)
-    cost = bossflow.cost_matrix(field, noise, grid=100)          # paper eq. 5
-    schedules = bossflow.bellman_schedules(cost, [2, 4, 8])      # paper eq. 8
-    x = bossflow.sample(field, noise, schedules[4])              # 4 Euler steps
-    pairs = bossflow.make_pairs(field, noise, [schedules[4]], "pairs/")
-    result = bossflow.straighten(field, pairs, schedules[4])     # paper eq. 9
+    cost = bossflow.cost_matrix(field, noise, grid=100, samples=256)   # paper eq. 5
+    schedules = bossflow.bellman_schedules(cost, [2, 4, 8])            # paper eq. 8
+    x = bossflow.sample(field, noise.take(16), schedules[4])           # 4 Euler steps
+    pairs = bossflow.make_pairs(field, noise, [schedules[4]], "pairs/", 100, samples=256)
+    result = bossflow.straighten(field, pairs, schedules[4])           # paper eq. 9
 """
 
 from .bellman import CostMatrix, bellman_schedules, cost_matrix

@@ -187,7 +187,8 @@ class Schedule:
 
     # -- exporters ---------------------------------------------------------------------------
     def to_time_grid(self, like: Any = None):
-        """The times as a ``flow_matching`` ``time_grid`` (a float tensor; dtype/device of ``like``).
+        """The times as a ``flow_matching`` ``time_grid``: a tensor on ``like``'s device, in its
+        dtype but at least float32 (bf16 would round 0.996 and 0.998 to one time).
 
         Use with ``ODESolver.sample(time_grid=..., step_size=None, method="euler")``.
         """
@@ -195,7 +196,8 @@ class Schedule:
 
         if like is None:
             return torch.tensor(self.times, dtype=torch.float32)
-        return torch.tensor(np.array(self.times), dtype=like.dtype, device=like.device)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return torch.tensor(np.array(self.times), dtype=dtype, device=like.device)
 
     def to_diffusers_sigmas(self, scheduler: Any = None) -> list[float]:
         """diffusers ``sigmas`` (``1 - t``), decreasing from 1, without the final 0 diffusers appends.

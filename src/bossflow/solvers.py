@@ -53,7 +53,9 @@ def _eval(field: VelocityField, x: Tensor, t: Time) -> Tensor:
         tt = t.to(device=x.device, dtype=time_dtype(x)).expand(x.shape[0])
     else:
         tt = torch.full((x.shape[0],), t, dtype=time_dtype(x), device=x.device)
-    return call_field(field, x, tt)
+    # in the states' dtype: a field returning float32 for bf16 states would otherwise promote
+    # the whole solve to float32
+    return call_field(field, x, tt).to(x.dtype)
 
 
 # A step returns the increment ``x_{k+1} - x_k`` (before any per-step scale) and ``v(x_k, t_k)``.
@@ -197,6 +199,11 @@ def sample(
     Returns:
         (B, ...) the states at t = 1.
     """
+    if not isinstance(noise, Tensor):
+        raise ConfigError(
+            f"noise must be a (B, ...) tensor, got {type(noise).__name__}; for a NoiseSource "
+            "pass noise.take(B)"
+        )
     own_solver = getattr(schedule, "solver", None)
     if own_solver is not None and solver is not None and solver != own_solver:
         raise ConfigError(
@@ -293,7 +300,8 @@ def _reference_solve(field, noise, method, steps, rtol, atol, cond) -> Tensor:
         bound = check_cond(cond, noise.shape[0], "reference_solve", noise.device)
 
         def rhs(t: Tensor, x: Tensor) -> Tensor:
-            return call_field(field, x, t.expand(x.shape[0]).to(time_dtype(x)), cond=bound)
+            v = call_field(field, x, t.expand(x.shape[0]).to(time_dtype(x)), cond=bound)
+            return v.to(x.dtype)
 
         grid = torch.tensor([0.0, 1.0], dtype=noise.dtype, device=noise.device)
         with torch.no_grad():

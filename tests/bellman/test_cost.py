@@ -127,6 +127,8 @@ def test_partial_results_merge(noise):
     whole = cost_matrix(field, noise, grid=8)
     merged = a.merge(b)
     assert merged.count == 24
+    with pytest.raises(bossflow.errors.CostMatrixError, match="count those samples twice"):
+        a.merge(cost_matrix(field, noise[:10], grid=8))  # the same noises again
     np.testing.assert_allclose(merged.values, whole.values, rtol=1e-13)
     np.testing.assert_allclose(merged.stderr, whole.stderr, rtol=1e-9)
 

@@ -73,6 +73,9 @@ def test_bellman_schedules_on_plain_array_use_uniform_grid():
         (np.array([[0, np.nan], [0, 0]]), [1], "non-finite"),
         (np.zeros((4, 4)), [4], "between 1 and N = 3"),
         (np.zeros((4, 4)), [0], "between 1 and N = 3"),
+        (np.zeros((4, 4)), [2.7], "must be integers, got 2.7"),  # was truncated to 2
+        (np.zeros((4, 4)), [True], "must be integers, got True"),
+        (np.zeros((4, 4)), 2, r"a list of step counts K, e.g. \[2\]"),
     ],
 )
 def test_bad_matrices_give_clear_errors(cost, budgets, message):

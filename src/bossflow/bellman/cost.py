@@ -235,6 +235,13 @@ class CostMatrix:
                 f"cannot merge cost matrices of different models (weights fingerprints {mine} and "
                 f"{theirs})"
             )
+        first = [m.identity.get("noise_fingerprint") for m in (self, other)]
+        if first[0] is not None and first[0] == first[1]:
+            raise CostMatrixError(
+                "both cost matrices start from the same noise sample, so they overlap and merging "
+                "would count those samples twice; make the other from other noises (another seed, "
+                "or an offset into the same source)"
+            )
         # other noises (that is the point of merging): only the model stays common
         same = self.identity == other.identity
         identity = dict(self.identity) if same else {"model_fingerprint": mine}

@@ -66,6 +66,12 @@ def bellman_paths(cost: np.ndarray, budgets: Iterable[int]) -> dict[int, Bellman
     """
     c = check_cost_matrix(cost)
     n = c.shape[0] - 1
+    if isinstance(budgets, (int, np.integer)) or not isinstance(budgets, Iterable):
+        raise CostMatrixError(f"budgets must be a list of step counts K, e.g. [{budgets}]")
+    budgets = list(budgets)
+    bad = [k for k in budgets if isinstance(k, bool) or not isinstance(k, (int, np.integer))]
+    if bad:
+        raise CostMatrixError(f"the numbers of steps K must be integers, got {bad[0]!r}")
     ks = sorted({int(k) for k in budgets})
     if not ks:
         raise CostMatrixError("ask for at least one number of steps K")
