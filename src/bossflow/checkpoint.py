@@ -74,7 +74,10 @@ def module_fingerprint(module: Any) -> str | None:
 
     Hashes every state-dict entry's name, shape and dtype, its first 64 values and its float64 sum
     (printed to 8 significant digits, so the same weights on another device give the same
-    fingerprint). Cheap even for large models: it never copies a whole tensor to the CPU.
+    fingerprint), and the ``fingerprint_config()`` of every submodule that has one (bossflow's
+    adapters and :class:`~bossflow.field.Precision`: the same weights called in another
+    convention, time scale or precision are another field). Cheap even for large models: it never
+    copies a whole tensor to the CPU.
     """
     if not isinstance(module, nn.Module):
         return None
@@ -88,6 +91,10 @@ def module_fingerprint(module: Any) -> str | None:
             total = float(flat.double().sum()) if flat.numel() else 0.0
             h.update(f"{name}|{tuple(value.shape)}|{value.dtype}|{total:.8e}|".encode())
             h.update(np.ascontiguousarray(head).tobytes())
+    for name, sub in module.named_modules():
+        config = getattr(sub, "fingerprint_config", None)
+        if callable(config):
+            h.update(f"{name}|{type(sub).__name__}|{config()}|".encode())
     return h.hexdigest()[:16]
 
 

@@ -167,6 +167,13 @@ class RectifiedFlowField(nn.Module):
         self.eps = float(eps)
         self.time_scale = float(time_scale)
 
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, time_scale={self.time_scale}"
+
+    def fingerprint_config(self) -> str:
+        """What, beside the weights, makes this field another field (see module_fingerprint)."""
+        return self.extra_repr()
+
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
         s = self.eps + (1.0 - self.eps) * t
@@ -274,6 +281,10 @@ class DiffusersField(nn.Module):
             scale = f"({scale}) / {self.timestep_divisor}"
         return f"timestep={scale}, sample_keyword={self.sample_keyword!r}"
 
+    def fingerprint_config(self) -> str:
+        """What, beside the weights, makes this field another field (see module_fingerprint)."""
+        return f"{self.extra_repr()}, model_kwargs={sorted(self.model_kwargs)}"
+
     def timestep(self, t: Tensor) -> Tensor:
         """The timestep the model is fed at bossflow times ``t`` (B,): from ``sigma = 1 - t``."""
         timestep = self.num_train_timesteps * (1.0 - t)
@@ -312,6 +323,10 @@ class FlowMatchingField(nn.Module):
         self.network = model
         self.batched_time = batched_time
         self.extras = extras
+
+    def fingerprint_config(self) -> str:
+        """What, beside the weights, makes this field another field (see module_fingerprint)."""
+        return f"extras={sorted(self.extras)}"
 
     def _call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return _unwrap_output(self.network(x=x, t=t, **self.extras, **cond))
@@ -367,6 +382,13 @@ class TorchCFMField(nn.Module):
         self.network = model
         self.scalar_time = scalar_time
         self.concat_time = concat_time
+
+    def extra_repr(self) -> str:
+        return f"scalar_time={self.scalar_time}, concat_time={self.concat_time}"
+
+    def fingerprint_config(self) -> str:
+        """What, beside the weights, makes this field another field (see module_fingerprint)."""
+        return self.extra_repr()
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
@@ -534,6 +556,13 @@ class Precision(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             field.to(memory_format=torch.channels_last)
+
+    def extra_repr(self) -> str:
+        return f"autocast={self.autocast}, channels_last={self.channels_last}"
+
+    def fingerprint_config(self) -> str:
+        """Another precision is another field: caches made in bf16 are not resumed in fp16."""
+        return self.extra_repr()
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         x_in = x

@@ -4,6 +4,7 @@ import torch
 
 import bossflow
 from bossflow.bellman import CostMatrix, cost_matrix
+from bossflow.checkpoint import module_fingerprint
 from bossflow.errors import CheckpointError, ConfigError, ModelOutputError
 from bossflow.field import AffineGaussianField, SpiralField
 from bossflow.noise import NoiseSource
@@ -177,13 +178,45 @@ def test_cache_made_by_another_model_is_refused(noise, tmp_path):
     a = cost_matrix(Scaled(0.5), noise[:12], grid=6, cache=cache)
     assert a.identity["model_fingerprint"] is not None
     # run B asks for more samples in the same folder: it used to add its samples to A's sums
-    with pytest.raises(CheckpointError, match=r"another model.*model weights \(fingerprint\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another model.*model \(fingerprint of its weights and how it is called\)",
+    ):
         cost_matrix(Scaled(0.7), noise, grid=6, cache=cache)
     with pytest.raises(CheckpointError, match="delete .*cost.npz to recompute"):
         cost_matrix(Scaled(0.7), noise[:12], grid=6, cache=cache)  # or reuse A's finished one
     assert CostMatrix.load(cache).count == 12  # A's cache is left as it was
     resumed = cost_matrix(Scaled(0.5), noise, grid=6, cache=cache)  # the same model resumes
     np.testing.assert_allclose(resumed.values, cost_matrix(Scaled(0.5), noise, grid=6).values)
+
+
+def test_the_same_weights_called_otherwise_are_another_model(noise, tmp_path):
+    """A convention's constants and the precision are part of the field: a cache of the same
+    weights under another time scale, or in bf16 then fp16, is not resumed."""
+    from bossflow.field import DiffusersField, Precision, RectifiedFlowField
+
+    net = torch.nn.Linear(3, 3)
+
+    class Net(torch.nn.Module):  # v(x, s) of a rectified-flow or diffusers-style network
+        def __init__(self):
+            super().__init__()
+            self.lin = net
+
+        def forward(self, x, s):
+            return self.lin(x) * (1 + 0 * s.view(-1, 1, 1))
+
+    variants = [
+        RectifiedFlowField(Net()), RectifiedFlowField(Net(), time_scale=1.0),
+        DiffusersField(Net(), sample_keyword=None), Precision(Net(), torch.bfloat16),
+        Precision(Net(), torch.float16),
+    ]  # fmt: skip
+    prints = [module_fingerprint(v) for v in variants]
+    assert len(set(prints)) == len(prints)
+    assert module_fingerprint(RectifiedFlowField(Net())) == prints[0]  # still deterministic
+    cache = tmp_path / "cost.npz"
+    cost_matrix(variants[3], noise[:12].float(), grid=6, cache=cache)
+    with pytest.raises(CheckpointError, match="another model"):
+        cost_matrix(variants[4], noise.float(), grid=6, cache=cache)
 
 
 def test_cache_made_from_other_noise_or_seed_is_refused(noise, tmp_path):

@@ -364,7 +364,7 @@ class CostMatrix:
 
 # How the settings a cache records are named in the message refusing it.
 _IDENTITY_LABELS = {
-    "model_fingerprint": "model weights (fingerprint)",
+    "model_fingerprint": "model (fingerprint of its weights and how it is called)",
     "noise_fingerprint": "noise (fingerprint of sample 0)",
     "noise_dtype": "noise dtype",
     "sample_shape": "sample shape",
