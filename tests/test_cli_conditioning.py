@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -147,6 +148,27 @@ def test_straighten_distill_then_evaluate(cond_module, capsys):
     mse_base = float((sample(base, z, schedule, cond=labels) - ref).pow(2).mean())
     assert mse_student < mse_base, (mse_student, mse_base)
     assert record["mse_to_reference"] == pytest.approx(mse_student, rel=0.05)
+    # schedule and straighten on from the distilled file measure it as it samples: unguided
+    tuned = [*guided, "--finetuned", finetuned]
+    assert main(["schedule", *tuned, "--nfe", "2", "--kmax", "10", "--samples", "8",
+                 "--out", "sched2"]) == 0  # fmt: skip
+    from bossflow import cost_matrix
+
+    first8 = {"label": torch.arange(8) % 3}
+    again = cost_matrix(student, NoiseSource((4,), 0), 10, samples=8, cond=first8)
+    saved = np.load(cond_module / "sched2" / "cost_matrix.npz")
+    np.testing.assert_allclose(saved["sum"], again.sum, rtol=1e-6)  # the unguided student's
+    assert main(["schedule", *[a if a != "2" else "3" for a in tuned], "--nfe", "2",
+                 "--out", "sched3"]) == 2  # fmt: skip
+    assert "straightened under guidance scale 2" in capsys.readouterr().err
+    assert main(["straighten", *tuned, "--schedule", sched, "--pairs", "16", "--iterations", "2",
+                 "--out", "st2"]) == 0  # fmt: skip
+    meta2 = json.loads((cond_module / "st2" / "model.json").read_text())
+    assert meta2["guidance"] == {"scale": 2.0, "mode": "distill"}  # still a distilled student
+    st2 = str(cond_module / "st2" / "model.safetensors")
+    unquiet = [a for a in guided if a != "--quiet"]
+    assert main(["sample", *unquiet, "--finetuned", st2, "--nfe", "2", "--samples", "2",
+                 "--out", "y.png"]) == 0  # fmt: skip
 
 
 def test_diffusers_options_reach_the_adapter(tmp_path, monkeypatch):

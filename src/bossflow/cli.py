@@ -420,7 +420,8 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
                     f"none of --solvers {','.join(args.solvers)} can spend exactly {k} evaluations"
                 )
     model = _load(args)
-    run = _conditioning(args, model)
+    # a straightened model is measured as it samples: under its recorded guidance
+    run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
     _log_conditioning(run)
     noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax}
@@ -847,7 +848,7 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
             f"{model.model_id} has no weights to fine-tune; straighten needs a network (the "
             "built-in spiral is an analytic field: use it with schedule, sample and evaluate)"
         )
-    run = _conditioning(args, model)
+    run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
     _log_conditioning(run)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
@@ -865,6 +866,9 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
     result = straighten(
         run.field, pairs, schedule, config, out / "train", not args.quiet, cond=run.cond
     )
+    recorded = _finetuned_guidance(args.finetuned)
+    if recorded is not None and recorded["mode"] == "distill":  # still a distilled student
+        result.teacher_guidance = recorded
     path = save_straightened(result, out / "model.safetensors")
     last = result.history[-1] if result.history else {}
     print(

@@ -339,6 +339,15 @@ def test_finetuned_files_load_with_and_without_the_adapter_prefix(tmp_path):
     network = TinyConvField(hidden=8)
     field = RectifiedFlowField(network)
     assert raw_network(field) == (network, "network.")
+
+    class Wrapper(torch.nn.Module):  # a user's model whose only child is called `network`
+        def __init__(self):
+            super().__init__()
+            self.network = TinyConvField(hidden=8)
+
+    user = Wrapper()  # saved as it is, so it loads strictly into the user's own class
+    assert raw_network(user) == (user, "")
+    assert raw_network(RectifiedFlowField(user)) == (user, "network.")
     new = {k: v + 1 for k, v in network.state_dict().items()}  # what save_straightened writes
     save_file(new, tmp_path / "new.safetensors")
     model = load_finetuned(LoadedModel(RectifiedFlowField(TinyConvField(hidden=8)), (1, 8, 8), "m"),

@@ -78,18 +78,21 @@ _LORA_LAYERS = (nn.Linear, nn.Conv2d)
 def raw_network(module: nn.Module) -> tuple[nn.Module, str]:
     """The user's network inside bossflow's field adapters, and the prefix of its keys.
 
-    Follows ``.network`` (e.g. :class:`~bossflow.field.DiffusersField`,
-    :class:`~bossflow.field.RectifiedFlowField`) while the wrapper holds no weight of its own, so
+    Follows the ``.network`` of bossflow's adapters (:class:`~bossflow.field.DiffusersField`,
+    :class:`~bossflow.field.RectifiedFlowField`, ...) while the wrapper holds no weight of its own, so
     ``module.state_dict()`` is exactly ``{prefix + k: v for k, v in network.state_dict().items()}``.
 
     Returns:
         ``(network, prefix)``; ``(module, "")`` for a module that wraps nothing.
     """
+    from ..field import DiffusersField, FlowMatchingField, RectifiedFlowField, TorchCFMField
+
+    adapters = (DiffusersField, FlowMatchingField, RectifiedFlowField, TorchCFMField)
     prefix = ""
     while True:
         inner = getattr(module, "network", None)
-        if not isinstance(inner, nn.Module):
-            return module, prefix
+        if not isinstance(module, adapters) or not isinstance(inner, nn.Module):
+            return module, prefix  # a user's own `.network` is part of the user's model
         outer, own = module.state_dict().keys(), inner.state_dict().keys()
         if len(outer) != len(own) or not all(k.startswith("network.") for k in outer):
             return module, prefix

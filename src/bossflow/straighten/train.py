@@ -55,6 +55,7 @@ from ..field import (
     Unguided,
     call_field,
     guidance_identity,
+    strip_uncond,
     time_batch,
     time_dtype,
 )
@@ -796,6 +797,9 @@ def straighten(
         if isinstance(field_module, Guided)
         else (None, field_module)
     )
+    if isinstance(field_module, Unguided):  # a distilled student, straightened on as it samples
+        field_module, read_cond = field_module.field, take_cond
+        take_cond = lambda rows: strip_uncond(read_cond(rows))  # noqa: E731
     objective = OBJECTIVES[config.objective]
     world = dist.world_size()
     if config.batch_size % world:
