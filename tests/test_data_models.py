@@ -336,3 +336,22 @@ def test_sample_check_reports_samples_and_yardsticks() -> None:
         assert report[part]["nearest_train_rms"] > 0
     assert report["samples"]["count"] == 40
     json.dumps(report)
+
+
+def test_a_trained_base_loads_with_the_shape_and_data_it_records(tmp_path):
+    """`train-base --dataset mnist` says to use `--model digits --checkpoint ...`: that model is
+    1x28x28 MNIST, not the shipped 1x8x8 digits (it was sampled at 8x8 and scored with the digits
+    classifier); and a built-in has no --convention to set."""
+    from bossflow.spec import load_model
+
+    model = _randomize(DigitUNet(**TINY_UNET))
+    provenance = {"settings": {"image_shape": [1, 28, 28]}, "data": {"dataset": "mnist"}}
+    save_pretrained(model, tmp_path, "mnist", provenance)
+    loaded = load_model("digits", checkpoint=str(tmp_path / "mnist.safetensors"))
+    assert loaded.sample_shape == (1, 28, 28) and loaded.dataset == "mnist"
+    x = sample(loaded.field, torch.randn(2, 1, 28, 28), uniform(2))
+    assert x.shape == (2, 1, 28, 28)
+    shipped = load_model("digits")
+    assert shipped.sample_shape == (1, 8, 8) and shipped.dataset == "digits"
+    with pytest.raises(ConfigError, match="--convention, --timestep-scale .*drop it"):
+        load_model("digits", convention="diffusers", timestep_scale=7.0)

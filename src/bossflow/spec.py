@@ -131,18 +131,30 @@ def _parse_shape(shape: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
     return dims
 
 
+def _trained_on(source: str) -> tuple[tuple[int, ...], str]:
+    """The sample shape and data set a ``train-base`` model records (e.g. 1x28x28 MNIST), else
+    the shipped models' 1x8x8 digits."""
+    from .pretrained import read_metadata
+
+    provenance = read_metadata(source).get("provenance") or {}
+    shape = (provenance.get("settings") or {}).get("image_shape") or (1, 8, 8)
+    dataset = (provenance.get("data") or {}).get("dataset") or "digits"
+    return tuple(int(d) for d in shape), str(dataset)
+
+
 def _load_digits(checkpoint: str | None, **_: Any) -> LoadedModel:
     from .pretrained import load_pretrained
 
     model = load_pretrained(checkpoint or "digits")
     model.eval()
     info = dict(getattr(model, "provenance", {}) or {})
+    shape, dataset = _trained_on(checkpoint or "digits")
     return LoadedModel(
         model,
-        (1, 8, 8),
+        shape,
         "digits" if checkpoint is None else f"digits:{checkpoint}",
         centered=True,
-        dataset="digits",
+        dataset=dataset,
         info=info,
     )
 
@@ -163,12 +175,13 @@ def _load_digits_cond(checkpoint: str | None, **_: Any) -> LoadedModel:
     source = checkpoint or "digits-cond"
     info = guidance_defaults(source)  # refuses a model that is not class-conditional
     model = load_pretrained(source)
+    shape, dataset = _trained_on(source)
     return LoadedModel(
         model,
-        (1, 8, 8),
+        shape,
         "digits-cond" if checkpoint is None else f"digits-cond:{checkpoint}",
         centered=True,
-        dataset="digits",
+        dataset=dataset,
         info=info,
     )
 
@@ -214,6 +227,16 @@ def load_model(
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"--model must name a model, got {spec!r}; {_SPEC_FORMS}")
     spec = spec.strip()
+    callable_only = {
+        "--convention": convention, "--sample-keyword": sample_keyword,
+        "--timestep-scale": timestep_scale,
+    }  # fmt: skip
+    given = [name for name, value in callable_only.items() if value is not None]
+    if given and (spec in BUILTIN_MODELS or spec.startswith("rectified-flow:")):
+        raise ConfigError(
+            f"{', '.join(given)} set how a package.module:callable model is called; {spec!r} "
+            "brings its own convention: drop it"
+        )
     if spec in BUILTIN_MODELS:
         loaded = BUILTIN_MODELS[spec](checkpoint=checkpoint)
     elif spec.startswith("rectified-flow:"):
