@@ -137,9 +137,17 @@ def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
     )
 
 
-@pytest.mark.parametrize("device, message", [("gpu", "unknown --device"), ("cuda:0", "CUDA")])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", "unknown --device"),
+        ("cuda:0", "CUDA"),
+        ("meta", "not available in this torch"),  # was a traceback from deep inside
+        ("cuda:64", "CUDA"),
+    ],
+)
 def test_bad_device_is_one_clear_line(tmp_path, capsys, device, message):
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if device == "cuda:0" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert run(f"schedule --model spiral --quiet --device {device} --out", tmp_path / "o") == 2
     assert message in capsys.readouterr().err
@@ -157,3 +165,30 @@ def test_small_input_errors():
         DemoConfig(nfes=(2, 4), straighten_nfes=(3,))
     with pytest.raises(BossflowError, match="could not write"):
         atomic_write_text("/proc/bossflow-test.json", "{}")
+
+
+def test_sample_out_pt_keeps_the_picture_beside_the_tensor(tmp_path):
+    """--out pts.pt for 2-D points wrote the scatter plot, then the tensor over it."""
+    out = tmp_path / "pts.pt"
+    assert run("sample --model spiral --shape 2 --nfe 4 --samples 8 --out", out) == 0
+    assert (tmp_path / "pts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.load(out, weights_only=True)["samples"].shape == (8, 2)
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (  # refused before the cost matrix and the teacher solve, naming the options
+            "schedule --model spiral --method learned --samples 16 --learn-holdout 16 --quiet",
+            "--learn-holdout 16 leaves no training noise among --samples 16",
+        ),
+        (  # --classifier-steps was silently ignored
+            "train-base --conditional --classifier-steps 5 --quiet",
+            "--conditional trains the flow model only",
+        ),
+    ],
+)
+def test_options_that_cannot_work_together_are_refused_first(tmp_path, capsys, command, message):
+    assert run(f"{command} --out", tmp_path / "o") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -124,3 +124,15 @@ def test_cli_shape_not_matching_the_model_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "raised RuntimeError" in err and "(2, 3, 8, 8)" in err and "--shape" in err
+
+
+def test_two_schedule_files_of_one_name_are_both_seen(tmp_path, capsys):
+    """a/schedule_nfe2.json and b/schedule_nfe2.json: the second silently replaced the first."""
+    for folder, inner in (("a", 0.3), ("b", 0.6)):
+        (tmp_path / folder).mkdir()
+        Schedule([0.0, inner, 1.0], method="bellman").save(tmp_path / folder / "schedule_nfe2.json")
+    files = [str(tmp_path / f / "schedule_nfe2.json") for f in ("a", "b")]
+    args = ["evaluate", "--model", "spiral", "--samples", "4", "--reference-steps", "10"]
+    args += ["--schedule", files[0], "--schedule", files[1], "--out", str(tmp_path / "ev")]
+    assert main(args) == 2
+    assert "two schedules would both be reported as bellman at 2 NFE" in capsys.readouterr().err

@@ -65,6 +65,15 @@ def _device(name: str | None) -> str:
         raise BossflowError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BossflowError(f"--device {name} asked, but this torch sees no CUDA device; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BossflowError(
+            f"--device {name} asked, but this torch sees {torch.cuda.device_count()} CUDA "
+            "device(s); use cuda:0 .. cuda:N-1"
+        )
+    if device.type not in ("cpu", "cuda"):  # mps, xpu ...: only if this torch can use it
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+            raise BossflowError(f"--device {name} is not available in this torch; use cpu")
     return name
 
 
@@ -378,7 +387,10 @@ def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     for path in as_list(args.schedule):
         s = load_schedule(path)
-        out[f"{s.method} ({s.steps}) {Path(path).name}"] = s
+        name = f"{s.method} ({s.steps}) {Path(path).name}"
+        if name in out:  # two files of one name in different folders: both stay
+            name = f"{s.method} ({s.steps}) {path}"
+        out[name] = s
     for name in as_list(args.spacing):
         for k in as_list(args.nfe):
             out[f"{name} ({k})"] = make_schedule(name, k)
@@ -414,6 +426,15 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
             seed=args.seed,
         )
         config.check()  # before any long phase
+        from .learn import _holdout
+
+        try:
+            _holdout(args.samples, config.holdout)
+        except ConfigError:
+            raise ConfigError(
+                f"--learn-holdout {args.learn_holdout} leaves no training noise among --samples "
+                f"{args.samples}; raise --samples or lower --learn-holdout"
+            ) from None
         for k in args.nfe:
             if not any(_possible(solver, k) for solver in args.solvers):
                 raise BossflowError(
@@ -542,13 +563,17 @@ def _save_samples(x, model, out: Path, save_tensor: str | None, scale: int, titl
     written: list[str] = []
     notes: list[str] = []
     tensor_path = save_tensor
+    picture = out
+    if out.suffix == ".pt":  # --out x.pt asks for the tensor; a picture goes beside it
+        tensor_path, picture = tensor_path or out, out.with_suffix(".png")
     if _is_image(shape):
         value_range = (-1.0, 1.0) if model.centered else (0.0, 1.0)
-        written.append(str(save_grid(x.float().cpu(), out, scale=scale, value_range=value_range)))
+        grid = save_grid(x.float().cpu(), picture, scale=scale, value_range=value_range)
+        written.append(str(grid))
     else:
         tensor_path = tensor_path or out.with_suffix(".pt")
         if _is_points(shape):
-            written.append(str(plot_points({title: x.float().cpu()}, out, title=title)))
+            written.append(str(plot_points({title: x.float().cpu()}, picture, title=title)))
             notes.append("2-D points: drawn as a scatter plot; no image grid")
         else:
             notes.append(
@@ -908,6 +933,11 @@ def cmd_train_base(args: argparse.Namespace) -> int:
             "train-base trains the small built-in models on one process; run it without torchrun"
         )
 
+    if args.conditional and args.classifier_steps:
+        raise ConfigError(
+            "--classifier-steps sets the unconditional run's classifier; --conditional trains the "
+            "flow model only: drop one of them"
+        )
     out = ensure_dir(args.out)
     flow = {"steps": args.steps} if args.steps else {}
     classifier = {"steps": args.classifier_steps} if args.classifier_steps else {}
@@ -1338,6 +1368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = distributed.rank_label()
             print(f"bossflow {args.command}: error: {where}{err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `bossflow ... | head`: the reader left; no traceback about it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except Exception as err:  # a bug: the traceback is printed; the other ranks stop waiting
         distributed.report_failure(err)
         raise
