@@ -136,3 +136,31 @@ def test_two_schedule_files_of_one_name_are_both_seen(tmp_path, capsys):
     args += ["--schedule", files[0], "--schedule", files[1], "--out", str(tmp_path / "ev")]
     assert main(args) == 2
     assert "two schedules would both be reported as bellman at 2 NFE" in capsys.readouterr().err
+
+
+def test_evaluate_warns_when_the_base_is_not_the_straightened_models_teacher(tmp_path, capsys):
+    """The reference is the given base's fine solve: another base than the teacher (another
+    --checkpoint of the same architecture) loads without complaint and measures the wrong thing."""
+    from bossflow.pretrained import save_pretrained
+    from bossflow.straighten import StraightenConfig, make_pairs, save_straightened, straighten
+
+    base = load_digits_field()
+    schedule = Schedule([0.0, 0.4, 1.0])
+    pairs = make_pairs(base, NoiseSource((1, 8, 8), 0), schedule, tmp_path / "pairs", 10, 8)
+    config = StraightenConfig(iterations=2, batch_size=4, holdout=2, eval_every=0)
+    saved = save_straightened(straighten(base, pairs, schedule, config), tmp_path / "m.safetensors")
+    other = load_digits_field()
+    with torch.no_grad():
+        next(other.parameters()).add_(0.1)
+    save_pretrained(other, tmp_path, "other", {"note": "another base of the same architecture"})
+    args = ["evaluate", "--finetuned", str(saved), "--nfe", "2", "--samples", "4"]
+    args += ["--reference-steps", "10", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "same")]) == 0
+    assert "straightened from another model" not in capsys.readouterr().err
+    assert (
+        main([*args, "--checkpoint", str(tmp_path / "other.json"), "--out", str(tmp_path / "x")])
+        == 0
+    )
+    assert "straightened from another model than 'digits:" in capsys.readouterr().err
+    warnings = json.loads((tmp_path / "x" / "results.json").read_text())["warnings"]
+    assert any("not its teacher's" in w for w in warnings)

@@ -592,6 +592,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import copy
 
     from . import distributed
+    from .checkpoint import module_fingerprint
     from .evaluation import EvalEntry, evaluate_methods
     from .io import ensure_dir
     from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
@@ -618,6 +619,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     entries, warnings = [], []
+    teacher = _finetuned_json(args.finetuned).get("base_fingerprint") if args.finetuned else None
+    if teacher is not None and teacher != module_fingerprint(base.field):
+        warnings.append(
+            f"{args.finetuned} was straightened from another model than {base.model_id!r} "
+            f"(fingerprint {teacher} there, {module_fingerprint(base.field)} here): the "
+            "reference solve is this model's, not its teacher's; pass the --model/--checkpoint "
+            "it was straightened from"
+        )
     for name, s in schedules.items():
         label = args.method or s.method
         other = _foreign_schedule(s, base, model)
@@ -894,6 +903,9 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
     recorded = _finetuned_guidance(args.finetuned)
     if recorded is not None and recorded["mode"] == "distill":  # still a distilled student
         result.teacher_guidance = recorded
+    first = _finetuned_json(args.finetuned).get("base_fingerprint")
+    if first is not None:  # straightened again: the base it all came from stays the reference
+        result.base_fingerprint = first
     path = save_straightened(result, out / "model.safetensors")
     last = result.history[-1] if result.history else {}
     print(

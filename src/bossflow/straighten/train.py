@@ -254,6 +254,8 @@ class StraightenResult:
             ``{"scale": w, "uncond": {...}}``; ``None`` otherwise (see :attr:`sampling_field`).
         teacher_guidance: for a guided teacher, ``{"scale": w, "mode": "keep" | "distill"}``
             (saved with the weights, so ``--finetuned`` samples them as trained); else ``None``.
+        base_fingerprint: the teacher's :func:`~bossflow.checkpoint.module_fingerprint` (saved,
+            so an evaluation against another base model is flagged).
     """
 
     module: nn.Module
@@ -268,6 +270,7 @@ class StraightenResult:
     lora: LoraAdapter | None = None
     guided: dict[str, Any] | None = None
     teacher_guidance: dict[str, Any] | None = None
+    base_fingerprint: str | None = None
 
     @property
     def sampling_field(self) -> nn.Module:
@@ -1036,6 +1039,7 @@ def straighten(
             if teacher_guide is None
             else {"scale": teacher_guide.scale, "mode": config.guidance}
         ),
+        base_fingerprint=base_fingerprint,
     )
 
 
@@ -1089,6 +1093,7 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
         "heldout_indices": result.heldout_indices,
         "trainable_parameters": result.trainable_parameters,
         "guidance": result.teacher_guidance,
+        "base_fingerprint": result.base_fingerprint,  # the teacher: evaluate checks its base
         "network_prefix": prefix,
         "network_class": f"{cls.__module__}.{cls.__qualname__}",
         "diffusers_folder": diffusers_folder.name if diffusers_folder else None,
