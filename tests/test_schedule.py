@@ -97,3 +97,14 @@ def test_messages_print_numbers_plainly():
     with pytest.raises(ScheduleError) as err:
         Schedule([0.1, 1.0])
     assert "got first 0.1 and last 1.0" in str(err.value)
+
+
+def test_foreign_formats_and_impossible_edm_settings_are_refused():
+    """A file of another format was read as a schedule if its name ended in /1; edm(rho=0)
+    divided by zero."""
+    with pytest.raises(ScheduleError, match="unknown format 'other.thing/1'"):
+        Schedule.from_dict({"format": "other.thing/1", "times": [0.0, 1.0]})
+    assert Schedule.from_dict({"times": [0.0, 0.5, 1.0]}).steps == 2  # no format: ours
+    for kwargs in ({"rho": 0.0}, {"sigma_min": 0.0}, {"sigma_min": 90.0}):
+        with pytest.raises(ScheduleError, match="edm needs rho > 0"):
+            edm(4, **kwargs)

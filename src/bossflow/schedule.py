@@ -8,6 +8,7 @@ JSON file on disk says where it came from.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +34,12 @@ _FORMAT = "bossflow.schedule/1"
 
 def _format_version(fmt: Any, family: str, where: str) -> int:
     """The version N of a ``bossflow.<family>/N`` format; one clear line for a newer one."""
+    name, _, number = str(fmt).partition("/")
+    if name != f"bossflow.{family}":
+        raise ScheduleError(f"{where}: unknown format {fmt!r} (expected bossflow.{family}/N)")
     try:
-        version = int(str(fmt).split("/", 1)[1])
-    except (IndexError, ValueError):
+        version = int(number)
+    except ValueError:
         raise ScheduleError(f"{where}: unknown format {fmt!r}") from None
     if version > 1:
         raise ScheduleError(
@@ -297,6 +301,11 @@ def edm(
     pinned to 0 (pure noise) and 1 (data). Steps are small near the data and large near the noise.
     """
     _check_steps(steps)
+    if not (rho > 0 and 0 < sigma_min < sigma_max < math.inf):
+        raise ScheduleError(
+            f"edm needs rho > 0 and 0 < sigma_min < sigma_max, got rho={rho}, "
+            f"sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )
     k = np.arange(steps + 1, dtype=np.float64) / steps
     inv = 1.0 / rho
     sigmas = (sigma_max**inv + k * (sigma_min**inv - sigma_max**inv)) ** rho
