@@ -90,6 +90,10 @@ def test_bad_inputs(z):
         sample(lambda x, t: torch.full_like(x, float("inf")), z, uniform(2))
     with pytest.raises(ModelOutputError, match="returned tuple"):
         sample(lambda x, t: (x,), z, uniform(2))
+    with pytest.raises(ConfigError, match="give one scale per step: 2 steps, 1 scales"):
+        sample(SpiralField(), z, uniform(2), scales=[1.0])
+    with pytest.raises(ConfigError, match="scales must be finite numbers, got nan"):
+        sample(SpiralField(), z, uniform(2), scales=[1.0, float("nan")])  # was NaN samples
 
 
 def test_diffusers_scheduler_follows_our_euler_steps(z):

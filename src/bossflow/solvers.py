@@ -226,6 +226,9 @@ def sample(
             raise ConfigError(
                 f"give one scale per step: {len(times) - 1} steps, {len(scales)} scales"
             )
+        bad = [s for s in scales if not isinstance(s, Tensor) and not np.isfinite(s)]
+        if bad:
+            raise ConfigError(f"the per-step scales must be finite numbers, got {bad[0]}")
     field = bind_cond(field, check_cond(cond, noise.shape[0], "sample", noise.device))
     x, past = noise, []
     with nullcontext() if grad else torch.no_grad():
