@@ -161,6 +161,39 @@ def test_straightening_a_guided_field(field, tmp_path, mode):
     assert counter.samples == (12 if mode == "keep" else 6)
 
 
+def test_a_distilled_student_with_per_sample_null_inputs_straightens_again(field, tmp_path):
+    """Unguided(student) on conditioning that carries per-sample `uncond.*` rows: the held-out
+    pass called the bare network with them (a crash)."""
+    cond = {"class_labels": labels(16), "uncond.class_labels": torch.full((16,), 4)}
+    schedule = uniform(2)
+    student = Unguided(field)
+    pairs = make_pairs(student, NoiseSource((D,), 4), schedule, tmp_path, GRID, 16, cond=cond)
+    config = StraightenConfig(iterations=3, batch_size=4, holdout=4, eval_every=1)
+    result = straighten(student, pairs, schedule, config, progress=False, cond=cond)
+    assert type(result.module) is CondField and len(result.history) == 4
+
+
+def test_growing_a_conditional_store_or_cache_keeps_it(field, tmp_path):
+    """Conditioning fingerprints hash the first rows: 100 samples then 300 of the same labels
+    were refused as other conditioning; other labels still are."""
+    by_index = lambda rows: {"class_labels": torch.as_tensor(list(rows)) % 4}  # noqa: E731
+    shifted = lambda rows: {"class_labels": (torch.as_tensor(list(rows)) + 1) % 4}  # noqa: E731
+    noise, schedule = NoiseSource((D,), 5), uniform(2)
+    make_pairs(field, noise, schedule, tmp_path / "p", 8, 100, 50, cond=by_index)
+    grown = make_pairs(field, noise, schedule, tmp_path / "p", 8, 300, 100, cond=by_index)
+    assert len(grown) == 300
+    pairs = straighten(field, grown, schedule, StraightenConfig(iterations=1, batch_size=4),
+                       progress=False, cond=by_index)  # fmt: skip
+    assert pairs.iterations == 1  # the grown store's conditioning reads back as its own
+    with pytest.raises(CheckpointError, match="cond_fingerprint"):
+        make_pairs(field, noise, schedule, tmp_path / "p", 8, 400, 100, cond=shifted)
+    cache = tmp_path / "cost.npz"
+    cost_matrix(field, noise, grid=8, samples=20, cache=cache, cond=by_index)
+    assert cost_matrix(field, noise, grid=8, samples=300, cache=cache, cond=by_index).count == 300
+    with pytest.raises(CheckpointError, match="conditioning"):
+        cost_matrix(field, noise, grid=8, samples=400, cache=cache, cond=shifted)
+
+
 def test_learning_a_sampler_with_labels(field):
     noise = NoiseSource((D,), seed=3).take(40)
     cond = {"class_labels": labels(40)}

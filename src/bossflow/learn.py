@@ -43,7 +43,7 @@ from .checkpoint import module_fingerprint
 from .errors import CheckpointError, ConfigError
 from .field import VelocityField, guidance_identity
 from .io import ensure_dir
-from .noise import CondLike, cond_fingerprint, cond_reader
+from .noise import CondLike, cond_fingerprint, cond_reader, same_identity
 from .sampler import Sampler
 from .schedule import Schedule, uniform
 from .solvers import SOLVERS, sample
@@ -205,7 +205,8 @@ def teacher_endpoints(
     if cache is not None and dist.is_rank_zero() and Path(cache).exists():
         with dist.fail_together():
             state = load_state(cache, TEACHER_FORMAT)
-            if state.get("identity") != identity:
+            count = int(noise.shape[0])
+            if not same_identity(state.get("identity"), identity, take_cond, count, "cond"):
                 raise CheckpointError(
                     f"{cache} holds teacher endpoints of another model, noise, solver or step "
                     "count; delete it to recompute, or use another folder"
@@ -370,16 +371,19 @@ def _batch_backward(
     return float(flat[0])
 
 
-def _same_run(saved: dict | None, mine: dict, teacher: Tensor) -> bool:
+def _same_run(saved: dict | None, mine: dict, teacher: Tensor, take_cond: Callable) -> bool:
     """Whether a checkpoint's identity is this run's: equal, the teacher's norm to 1e-5
-    (checkpoints of bossflow 0.1.0 before it recorded the norm: the teacher's exact sum)."""
+    (checkpoints of bossflow 0.1.0 before it recorded the norm: the teacher's exact sum), the
+    conditioning by :func:`~bossflow.noise.same_cond`."""
     if not isinstance(saved, dict):
         return False
     a, b = dict(saved), dict(mine)
     norm = b.pop("teacher_norm")
     if "teacher_norm" in a:
-        return math.isclose(a.pop("teacher_norm"), norm, rel_tol=1e-5) and a == b
-    return a.pop("teacher_sum", None) == float(teacher.double().sum()) and a == b
+        same_teacher = math.isclose(a.pop("teacher_norm"), norm, rel_tol=1e-5)
+    else:
+        same_teacher = a.pop("teacher_sum", None) == float(teacher.double().sum())
+    return same_teacher and same_identity(a, b, take_cond, int(teacher.shape[0]), "cond")
 
 
 def _holdout(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarray]:
@@ -512,7 +516,7 @@ def learn_sampler(
     if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
         with dist.fail_together():
             ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-            if not _same_run(ckpt.get("identity"), identity, teacher):
+            if not _same_run(ckpt.get("identity"), identity, teacher, take_cond):
                 raise CheckpointError(
                     f"{ckpt_path} was made by another sampler-learning run (other settings, "
                     "budget, initial times or teacher); delete it or use another folder"

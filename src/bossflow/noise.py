@@ -7,6 +7,7 @@ an interrupted run resumed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "noise_reader",
     "cond_reader",
     "cond_fingerprint",
+    "same_cond",
 ]
 
 #: Index offsets of each stage's noises in a run's :class:`NoiseSource`: the cost matrix, the
@@ -206,13 +208,43 @@ def cond_fingerprint(take: Callable, total: int, rows: int = 256) -> dict[str, s
     """
     import hashlib
 
-    cond = take(range(0, min(int(total), rows)))
+    count = min(int(total), rows)
+    cond = take(range(0, count))
     if not cond:
         return None
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in sorted(cond.items()):
         arr = value.detach().to("cpu").contiguous()
         digest = hashlib.sha256(str((tuple(arr.shape), str(arr.dtype))).encode())
         digest.update(arr.view(torch.uint8).numpy().tobytes() if arr.numel() else b"")
         out[key] = digest.hexdigest()[:16]
+    out[ROWS_KEY] = count  # so a run with more samples can compare the same first rows
     return out
+
+
+ROWS_KEY = "#rows"
+
+
+def same_cond(recorded: Any, take: Callable, total: int) -> bool:
+    """Whether conditioning recorded by :func:`cond_fingerprint` is ``take``'s: the same first
+    rows, as many as were hashed then (a store or cache grown to more samples stays the same
+    run). A record without its row count (older files) is compared as it was made."""
+    if isinstance(recorded, dict) and isinstance(recorded.get(ROWS_KEY), int):
+        rows = recorded[ROWS_KEY]
+        return rows <= total and recorded == cond_fingerprint(take, rows)
+    now = cond_fingerprint(take, total)
+    if isinstance(now, dict):
+        now.pop(ROWS_KEY)
+    return recorded == now
+
+
+def same_identity(recorded: Any, mine: dict, take: Callable, total: int, key: str) -> bool:
+    """``recorded == mine`` for a cache's identity dict, the conditioning under ``key`` compared
+    by :func:`same_cond`."""
+    if not isinstance(recorded, dict):
+        return False
+    theirs, ours = dict(recorded), dict(mine)
+    cond, wanted = theirs.pop(key, None), ours.pop(key, None)
+    if theirs != ours:
+        return False
+    return cond is None if wanted is None else same_cond(cond, take, total)

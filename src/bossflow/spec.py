@@ -110,7 +110,7 @@ def load_finetuned(model: LoadedModel, path: str | Path) -> LoadedModel:
 
     state = load_state_dict_file(path, map_location="cpu")
     network, prefix = raw_network(model.field)
-    if prefix and all(k.startswith(prefix) for k in state):
+    if prefix and set(state) == set(model.field.state_dict()):
         network = model.field  # an older file, keyed like the field
     load_state_dict_strict(network, state, str(path))
     model.model_id += f"+{Path(path).name}"

@@ -63,6 +63,10 @@ def learning_rate(
     return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
 
 
+def _half(t: Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
 class EMA:
     """Exponential moving average of ``tensors`` (e.g. a model's trainable parameters).
 
@@ -93,7 +97,13 @@ class EMA:
         self.tensors = list(tensors)
         self.copied = list(copy)
         self.decay = float(decay)
-        self.shadow = [t.detach().clone() for t in self.tensors] if shadow is None else list(shadow)
+        # half-precision weights average in float32: a bf16 shadow stops moving once
+        # (1 - d) * step falls below its resolution
+        self.shadow = (
+            [t.detach().float() if _half(t) else t.detach().clone() for t in self.tensors]
+            if shadow is None
+            else list(shadow)
+        )
         self.shadow_copied = (
             [t.detach().clone() for t in self.copied]
             if shadow_copied is None
@@ -111,7 +121,7 @@ class EMA:
         """The ``n``-th update (0-based) of every average from the tensors' current values."""
         weight = 1.0 - self.decay_at(n)
         for s, t in zip(self.shadow, self.tensors, strict=True):
-            s.lerp_(t, weight)
+            s.lerp_(t.to(s.dtype), weight)
         for s, t in zip(self.shadow_copied, self.copied, strict=True):
             s.copy_(t)
 

@@ -367,3 +367,30 @@ def test_cli_lora_targets_reach_the_config():
     args = build_parser().parse_args([*argv, "--lora-targets", "to_q, to_out.0,"])
     assert _straighten_config(args).lora_targets == ("to_q", "to_out.0")
     assert _straighten_config(build_parser().parse_args(argv)).lora_targets is None
+
+
+def test_a_users_own_network_attribute_loads_back(tmp_path):
+    """A torchcfm-style model whose layers live under its own `self.network`: every saved key
+    starts with `network.`, which load_finetuned took for the old adapter-prefixed layout."""
+    from bossflow.field import TorchCFMField
+    from bossflow.straighten import save_straightened
+
+    class UserNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.network = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                                               torch.nn.Linear(8, 2))  # fmt: skip
+
+        def forward(self, t, x):
+            return self.network(torch.cat([x, t.reshape(-1, 1).expand(len(x), 1)], 1))
+
+    field = TorchCFMField(UserNet())
+    schedule = uniform(2)
+    pairs = make_pairs(field, NoiseSource((2,), seed=0), schedule, tmp_path / "p", 4, 8)
+    result = straighten(field, pairs, schedule, StraightenConfig(iterations=2, batch_size=4),
+                        progress=False)  # fmt: skip
+    path = save_straightened(result, tmp_path / "m.safetensors")
+    UserNet().load_state_dict(load_file(path))  # strict, into the user's own class
+    loaded = load_finetuned(LoadedModel(TorchCFMField(UserNet()), (2,), "u"), path)
+    for a, b in zip(loaded.field.parameters(), result.module.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -1,3 +1,4 @@
+import copy
 import json
 from dataclasses import replace
 
@@ -343,3 +344,48 @@ def test_dropout_is_seeded_per_step_and_per_rank_and_frozen_weights_stay_frozen(
     frozen, module = run(1)
     assert torch.equal(frozen["fourier.W"], field.fourier.W) and frozen["fixed"] != 1.5
     assert not any(p.requires_grad for p in module.parameters())  # returned as it came
+
+
+def test_resume_on_a_store_of_another_grid_or_dtype_is_refused(setup, tmp_path):
+    """The same times and noises on another fine grid (other states) or in float16: a resumed run
+    mixed them in silently."""
+    field, schedule, _, _ = setup
+    noise = NoiseSource((2,), seed=1)
+    base = make_pairs(field, noise, schedule, tmp_path / "a", fine_grid=GRID, samples=32)
+    cfg = config(iterations=4, checkpoint_every=2, holdout=8)
+    straighten(field, base, schedule, replace(cfg, iterations=2), tmp_path / "run", progress=False)
+    other_grid = Schedule(np.union1d(schedule.times, np.linspace(0, 1, 7)))
+    others = {
+        "grid": make_pairs(
+            field, noise, schedule, tmp_path / "b", fine_grid=other_grid, samples=32
+        ),
+        "dtype": make_pairs(field, noise, schedule, tmp_path / "c", GRID, 32, dtype=torch.float16),
+    }
+    for store in others.values():
+        with pytest.raises(CheckpointError, match="pair store"):
+            straighten(field, store, schedule, cfg, tmp_path / "run", progress=False)
+    assert straighten(field, base, schedule, cfg, tmp_path / "run", progress=False).iterations == 4
+
+
+def test_half_precision_models_train_adapters_and_averages_in_float32(setup):
+    """bf16 LoRA adapters (peft's LoraModel keeps the base dtype) barely moved under Adam, and a
+    bf16 EMA stopped once (1 - d) * step fell below bf16 resolution."""
+    from bossflow.training import EMA
+
+    field, schedule, train, _ = setup
+    half = copy.deepcopy(field).to(torch.bfloat16)
+    seen = {}
+    cfg = config(iterations=2, lora_rank=2, holdout=8)
+    result = straighten(half, train, schedule, cfg, progress=False,
+                        callback=lambda i: seen.setdefault("dtypes", {p.dtype for p in
+                                                                      i["model"].parameters()
+                                                                      if p.requires_grad}))  # fmt: skip
+    assert seen["dtypes"] == {torch.float32}
+    assert next(result.module.parameters()).dtype == torch.bfloat16  # merged back in bf16
+    w = torch.ones(1, dtype=torch.bfloat16)
+    ema = EMA([w], decay=0.999)
+    with torch.no_grad():
+        w.fill_(1.5)
+    for n in range(20000):
+        ema.update(n)
+    assert abs(float(ema.shadow[0]) - 1.5) < 1e-3  # a bf16 shadow stayed near 1.07

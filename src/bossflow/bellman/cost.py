@@ -36,7 +36,14 @@ from .. import distributed as dist
 from ..checkpoint import module_fingerprint, noise_fingerprint
 from ..errors import BossflowError, CheckpointError, ConfigError, CostMatrixError
 from ..field import VelocityField, guidance_identity
-from ..noise import CondLike, NoiseLike, cond_fingerprint, cond_reader, noise_reader
+from ..noise import (
+    CondLike,
+    NoiseLike,
+    cond_fingerprint,
+    cond_reader,
+    noise_reader,
+    same_identity,
+)
 from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
 
@@ -375,7 +382,13 @@ _IDENTITY_LABELS = {
 
 
 def _check_cache(
-    cache: str | os.PathLike, acc: CostMatrix, fine: Schedule, metric: str, identity: dict
+    cache: str | os.PathLike,
+    acc: CostMatrix,
+    fine: Schedule,
+    metric: str,
+    identity: dict,
+    take_cond: Callable,
+    total: int,
 ) -> None:
     """Refuse a cache measured on another grid, metric, model, noise or seed."""
     redo = f"delete {cache} to recompute, or use another --out (another cache path)"
@@ -394,10 +407,12 @@ def _check_cache(
             f"cache {cache} does not record which model and noise it was made with (an older "
             f"bossflow wrote it), so it cannot be checked; {redo}"
         )
+    key = "cond_fingerprint"  # the same first rows: a cache grown to more samples
     differ = [
         f"{_IDENTITY_LABELS.get(k, k)}: {acc.identity.get(k)!r} there, {v!r} now"
         for k, v in identity.items()
         if acc.identity.get(k) != v
+        and not (k == key and same_identity(acc.identity, identity, take_cond, total, key))
     ]
     if differ:
         raise CheckpointError(
@@ -475,7 +490,7 @@ def cost_matrix(
     # several processes: rank 0 reads and checks the cache, the others get what it found
     if cache is not None and dist.is_rank_zero() and Path(cache).exists():
         with dist.fail_together():
-            acc = _resume(cache, acc, fine, name, identity, total, meta)
+            acc = _resume(cache, acc, fine, name, identity, total, meta, take_cond)
     acc = dist.broadcast_object(acc)
 
     bar = None
@@ -512,11 +527,12 @@ def _resume(
     identity: dict,
     total: int,
     meta: dict[str, Any] | None,
+    take_cond: Callable,
 ) -> CostMatrix:
     """The accumulator stored in ``cache``, checked against this run (grid, metric, identity,
     sample count, meta)."""
     acc = CostMatrix.load(cache)
-    _check_cache(cache, acc, fine, name, identity)
+    _check_cache(cache, acc, fine, name, identity, take_cond, total)
     if acc.count > total:
         raise CheckpointError(
             f"cache {cache} already holds {acc.count} samples, more than the {total} asked"
@@ -529,6 +545,7 @@ def _resume(
             "delete it or pass another path"
         )
     acc.meta.update(meta or {})
+    acc.identity = dict(identity)  # the conditioning's fingerprint now covers `total` samples
     return acc
 
 

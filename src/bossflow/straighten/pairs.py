@@ -32,7 +32,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,14 @@ from ..checkpoint import noise_fingerprint as _noise_fingerprint
 from ..errors import BossflowError, CheckpointError, ConfigError
 from ..field import VelocityField, guidance_identity
 from ..io import atomic_write, atomic_write_text, ensure_dir
-from ..noise import CondLike, NoiseLike, cond_fingerprint, cond_reader, noise_reader
+from ..noise import (
+    CondLike,
+    NoiseLike,
+    cond_fingerprint,
+    cond_reader,
+    noise_reader,
+    same_identity,
+)
 from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
 
@@ -508,7 +515,7 @@ def make_pairs(
     manifest = None
     if dist.is_rank_zero():
         with dist.fail_together():
-            manifest = _start_manifest(path, identity, total)
+            manifest = _start_manifest(path, identity, total, take_cond)
     manifest = dist.broadcast_object(manifest)
 
     bar = None
@@ -550,14 +557,19 @@ def make_pairs(
     return PairStore.open(path)
 
 
-def _start_manifest(path: Path, identity: dict[str, Any], total: int) -> dict[str, Any]:
+def _start_manifest(
+    path: Path, identity: dict[str, Any], total: int, take_cond: Callable
+) -> dict[str, Any]:
     """The manifest to continue from (a new one, or the folder's, checked against ``identity``),
     written back with ``samples = total``."""
     manifest = _read_manifest(path)
     if manifest is None:
         manifest = {**identity, "samples": total, "count": 0, "shards": []}
     else:
-        differ = [k for k in identity if manifest.get(k) != identity[k]]
+        key = "cond_fingerprint"  # the same first rows: a store grown to more samples
+        differ = [k for k in identity if k != key and manifest.get(k) != identity[k]]
+        if not same_identity({key: manifest.get(key)}, {key: identity[key]}, take_cond, total, key):
+            differ.append(key)
         if differ:
             raise CheckpointError(
                 f"{path} holds pairs made with another schedule, grid, model or noise (different: "
@@ -569,6 +581,7 @@ def _start_manifest(path: Path, identity: dict[str, Any], total: int) -> dict[st
                 "pass samples >= that or use another out_dir"
             )
         manifest["samples"] = total
+        manifest["cond_fingerprint"] = identity["cond_fingerprint"]  # of the rows it now covers
         if manifest["count"]:
             PairStore.open(path)  # the shards already listed must be readable before adding more
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")

@@ -55,12 +55,11 @@ from ..field import (
     Unguided,
     call_field,
     guidance_identity,
-    strip_uncond,
     time_batch,
     time_dtype,
 )
 from ..io import atomic_write_bytes, atomic_write_text, ensure_dir
-from ..noise import CondLike, cond_fingerprint, cond_reader
+from ..noise import CondLike, cond_fingerprint, cond_reader, same_cond
 from ..schedule import Schedule
 from ..training import (
     EMA,
@@ -395,7 +394,7 @@ def _pairs_cond(pairs: PairStore, cond: CondLike | None) -> Callable:
     made = pairs.manifest.get("cond_fingerprint")
     take = cond_reader(cond, int(pairs.manifest["samples"]), "straightening")
     given = cond_fingerprint(take, int(pairs.manifest["samples"]))
-    if made != given:
+    if not same_cond(made, take, int(pairs.manifest["samples"])) if made else given is not None:
         if made is None:
             why = "were made without conditioning, but cond= was given"
         elif given is None:
@@ -408,11 +407,12 @@ def _pairs_cond(pairs: PairStore, cond: CondLike | None) -> Callable:
     return take
 
 
-def _student(model: nn.Module, teacher: Guided | None, mode: str) -> nn.Module:
+def _student(model: nn.Module, teacher: Guided | None, mode: str, unguided: bool) -> nn.Module:
     """What the loss sees: the network under the teacher's guidance (``keep``), the bare network
-    on the same conditioning (``distill``), or the network itself (no guidance)."""
+    on the same conditioning (``distill``, or an unguided field straightened again), or the
+    network itself (no guidance)."""
     if teacher is None:
-        return model
+        return Unguided(model) if unguided else model
     if mode == "keep":
         return Guided(model, teacher.scale, teacher.uncond)
     return Unguided(model)
@@ -461,8 +461,12 @@ def _add_lora(
         lora_dropout=0.0,
         target_modules="|".join(re.escape(n) for n in names),
     )
+    device = _device_of(module)
     try:
-        wrapped = LoraModel(module, lora_config, "default")
+        # peft initialises the layers from torch's global generators (re-initialised below from
+        # `generator`): forked, so the caller's random stream does not move
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            wrapped = LoraModel(module, lora_config, "default")
     except Exception as err:  # peft raises many types; the user needs to know it was peft
         raise ConfigError(
             f"peft could not add LoRA adapters to {type(module).__name__} ({type(err).__name__}: "
@@ -478,6 +482,9 @@ def _add_lora(
                 nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
                 with torch.no_grad():
                     weight.copy_(fresh)
+            for adapter in (*layer.lora_A.parameters(), *layer.lora_B.parameters()):
+                if adapter.dtype in (torch.float16, torch.bfloat16):  # as get_peft_model does:
+                    adapter.data = adapter.data.float()  # Adam on bf16 adapters barely moves
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     # Exactly the adapters train: the base weights must stay frozen (peft's contract, checked).
     assert {id(p) for p in trainable} == {id(p) for p in adapters}, (
@@ -499,6 +506,9 @@ def _holdout_indices(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarr
     return np.arange(n - count), np.arange(n - count, n)
 
 
+_NEWER_PAIRS_KEYS = ("fine_grid", "dtype")
+
+
 def _pairs_identity(pairs: PairStore) -> dict[str, Any]:
     m = pairs.manifest
     identity = {
@@ -507,8 +517,9 @@ def _pairs_identity(pairs: PairStore) -> dict[str, Any]:
         "model_fingerprint": m.get("model_fingerprint"),
         "noise_fingerprint": m.get("noise_fingerprint"),
     }
-    # conditioning and guidance only when there are some: unconditional checkpoints stay valid
-    for key in ("cond_fingerprint", "guidance"):
+    # conditioning and guidance only when there are some: unconditional checkpoints stay valid;
+    # the fine grid and storage dtype likewise only where the store records them
+    for key in ("cond_fingerprint", "guidance", *_NEWER_PAIRS_KEYS):
         if m.get(key) is not None:
             identity[key] = m[key]
     return identity
@@ -537,8 +548,11 @@ def _check_resumable(
     ]
     if list(ckpt["schedule"]["times"]) != schedule.tolist():
         differ.append("schedule times")
-    if ckpt["pairs"] != _pairs_identity(pairs):
-        differ.append("pair store (other times, noises, model or sample count)")
+    mine = _pairs_identity(pairs)
+    if isinstance(ckpt["pairs"], dict):  # checkpoints from before the grid and dtype were kept
+        mine = {k: v for k, v in mine.items() if k in ckpt["pairs"] or k not in _NEWER_PAIRS_KEYS}
+    if ckpt["pairs"] != mine:
+        differ.append("pair store (other times, fine grid, dtype, noises, model or sample count)")
     if ckpt["base_fingerprint"] != base:
         differ.append("base model weights")
     if ckpt.get("guidance") != guidance:
@@ -800,9 +814,11 @@ def straighten(
         if isinstance(field_module, Guided)
         else (None, field_module)
     )
-    if isinstance(field_module, Unguided):  # a distilled student, straightened on as it samples
-        field_module, read_cond = field_module.field, take_cond
-        take_cond = lambda rows: strip_uncond(read_cond(rows))  # noqa: E731
+    # a distilled student, straightened on as it samples: the bare network trains, called
+    # without the unconditional inputs its conditioning may carry
+    unguided = isinstance(field_module, Unguided)
+    if unguided:
+        field_module = field_module.field
     objective = OBJECTIVES[config.objective]
     world = dist.world_size()
     if config.batch_size % world:
@@ -868,7 +884,7 @@ def straighten(
         sharded,
     )
     # what the loss sees: the network under the teacher's guidance, or bare (distilled)
-    student = _student(model, teacher_guide, config.guidance)
+    student = _student(model, teacher_guide, config.guidance, unguided)
     # several processes: rank 0 reads and checks the checkpoint, the others get what it read
     ckpt = None
     if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
@@ -892,7 +908,7 @@ def straighten(
         ddp = ddp_class(
             model, device_ids=[device] if device.type == "cuda" else None, **{sync: False}
         )
-        train_student = _student(ddp, teacher_guide, config.guidance)
+        train_student = _student(ddp, teacher_guide, config.guidance, unguided)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if config.amp else nullcontext()
