@@ -82,7 +82,7 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     config = cfg(iterations=30)
     full = learn_sampler(field, z, teacher, 2, config, out_dir=tmp_path / "a")
 
-    class Flaky(nn.Module):  # the same field (same weights: none), interrupted on call 40
+    class Flaky(type(field)):  # the same field (same constants), interrupted on call 40
         calls = 0
 
         def forward(self, x, t):
@@ -92,7 +92,7 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
             return field(x, t)
 
     with pytest.raises(KeyboardInterrupt):
-        learn_sampler(Flaky(), z, teacher, 2, config, out_dir=tmp_path / "b")
+        learn_sampler(Flaky(rate=0.4, omega=2.5), z, teacher, 2, config, out_dir=tmp_path / "b")
     resumed = learn_sampler(field, z, teacher, 2, config, out_dir=tmp_path / "b")
     assert resumed.sampler.times.tobytes() == full.sampler.times.tobytes()
     assert resumed.sampler.scales.tobytes() == full.sampler.scales.tobytes()
@@ -153,6 +153,13 @@ def test_best_solver_family_is_chosen_on_heldout_noises(spiral):
     assert best.heldout_error == min(r.heldout_error for r in all_results.values())
     with pytest.raises(ConfigError, match="none of the solvers"):
         learn_best_sampler(field, z, teacher, 3, ("heun",), cfg(iterations=2))
+    # a misspelt family is an error (it was skipped, and ab2 became the preferred family)
+    with pytest.raises(ConfigError, match="unknown solver 'eulr'"):
+        learn_best_sampler(field, z, teacher, 2, ("eulr", "ab2"), cfg(iterations=2))
+    # at NFE 1 Euler and AB2 are one method: the tie keeps the earlier family (it chose ab2)
+    tie, both = learn_best_sampler(field, z, teacher, 1, ("euler", "ab2"), cfg(iterations=5))
+    assert both["euler"].heldout_error == both["ab2"].heldout_error
+    assert tie.sampler.solver == "euler"
 
 
 def test_significant_gain_is_a_paired_test():
@@ -238,11 +245,25 @@ def test_teacher_endpoints_are_cached_and_checked(spiral, tmp_path):
     field, z, _ = spiral
     first = teacher_endpoints(field, z, steps=20, cache=tmp_path / "t.pt")
     torch.testing.assert_close(first, sample(field, z, uniform(20), solver="heun"))
-    calls = NFECounter(field)
-    again = teacher_endpoints(calls, z, steps=20, cache=tmp_path / "t.pt")
-    assert calls.nfe == 0 and torch.equal(again, first)  # read back, not recomputed
+
+    class Counting(type(field)):  # the same field (same constants), counting its calls
+        calls = 0
+
+        def forward(self, x, t):
+            Counting.calls += 1
+            return super().forward(x, t)
+
+    again = teacher_endpoints(Counting(0.4, 2.5), z, steps=20, cache=tmp_path / "t.pt")
+    assert Counting.calls == 0 and torch.equal(again, first)  # read back, not recomputed
     with pytest.raises(CheckpointError, match="another model, noise, solver or step count"):
         teacher_endpoints(field, z, steps=30, cache=tmp_path / "t.pt")
+    # analytic fields have no weights: their constants tell them apart (one was reused for all)
+    with pytest.raises(CheckpointError, match="another model"):
+        teacher_endpoints(type(field)(0.4, 1.0), z, steps=20, cache=tmp_path / "t.pt")
+    later = z.clone()
+    later[5] += 1.0  # noises that differ after the first one
+    with pytest.raises(CheckpointError, match="another model, noise"):
+        teacher_endpoints(field, later, steps=20, cache=tmp_path / "t.pt")
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ def test_psnr_known_mse_and_zero():
     assert psnr(x + 0.1, x) == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-5)
     assert psnr(x + 0.1, x, data_range=1.0) == pytest.approx(20.0, rel=1e-5)
     assert psnr(x, x) == math.inf
+    assert psnr(x + float("inf"), x) == -math.inf  # diverged samples: was a math domain error
 
 
 def test_psnr_uses_mean_mse():

@@ -118,3 +118,22 @@ def test_demo_report_links_every_image_and_writes_results_last(quick_demo):
     assert "[results.json](results.json)" in report and "```json" not in report
     written = [p for p in quick_demo.iterdir() if p.is_file() and not p.name.startswith(".")]
     assert max(written, key=lambda p: p.stat().st_mtime_ns).name == "results.json"
+
+
+def test_demo_checks_its_solvers_and_starts_each_family_from_its_own_bellman_times(tmp_path):
+    """A misspelt family failed at stage 3, after the straightening; Heun (2 evaluations per
+    step) started from uniform times while `schedule --method learned` used Bellman ones."""
+    from bossflow.errors import ConfigError
+    from bossflow.noise import NoiseSource
+    from bossflow.pipeline import _schedule_stage
+    from bossflow.spec import load_model
+
+    with pytest.raises(ConfigError, match="unknown learn_solvers entry 'eulr'"):
+        DemoConfig.quick(learn_solvers=("eulr",))
+    cfg = DemoConfig.quick(learn_solvers=("euler", "heun"))
+    model = load_model("digits")
+    source = NoiseSource(model.sample_shape, seed=0)
+    _, bellman = _schedule_stage(model, cfg, tmp_path, source, False, None)
+    assert set(bellman) == {1, 2, 4}  # Heun at NFE 2 and 4 starts from the 1- and 2-step ones
+    written = sorted(p.name for p in tmp_path.glob("schedule_nfe*.json"))
+    assert written == ["schedule_nfe2.json", "schedule_nfe4.json"]  # the report's, as before

@@ -137,3 +137,17 @@ def test_cli_samples_and_evaluates_a_sampler_file_with_its_own_solver(tmp_path, 
     assert record["mse_to_reference"] == pytest.approx(float(expected), rel=1e-5)
     assert main(["evaluate", *args, "--solver", "heun", "--out", str(tmp_path / "e2")]) == 2
     assert "made for the ab2 solver" in capsys.readouterr().err
+
+
+def test_a_sampler_json_without_format_keeps_its_solver_and_scales(tmp_path):
+    """Written by hand without "format": load_schedule read it as a plain Euler schedule."""
+    import json
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"solver": "ab2", "times": [0, 0.4, 1], "scales": [0.8, 0.9]}))
+    s = load_schedule(path)
+    assert isinstance(s, Sampler) and s.solver == "ab2" and s.scales.tolist() == [0.8, 0.9]
+    with pytest.raises(ScheduleError, match="a sampler, not a plain schedule"):
+        Schedule.from_dict({"solver": "ab2", "times": [0, 0.4, 1]})
+    with pytest.raises(ScheduleError, match="versions start at 1"):
+        Schedule.from_dict({"format": "bossflow.schedule/0", "times": [0, 1]})

@@ -74,10 +74,11 @@ def module_fingerprint(module: Any) -> str | None:
 
     Hashes every state-dict entry's name, shape and dtype, its first 64 values and its float64 sum
     (printed to 8 significant digits, so the same weights on another device give the same
-    fingerprint), and the ``fingerprint_config()`` of every submodule that has one (bossflow's
+    fingerprint), the ``fingerprint_config()`` of every submodule that has one (bossflow's
     adapters and :class:`~bossflow.field.Precision`: the same weights called in another
-    convention, time scale or precision are another field). Cheap even for large models: it never
-    copies a whole tensor to the CPU.
+    convention, time scale or precision are another field; the analytic fields' constants) and
+    non-persistent buffers. Cheap even for large models: it never copies a whole tensor to the
+    CPU.
     """
     if not isinstance(module, nn.Module):
         return None
@@ -91,10 +92,16 @@ def module_fingerprint(module: Any) -> str | None:
             total = float(flat.double().sum()) if flat.numel() else 0.0
             h.update(f"{name}|{tuple(value.shape)}|{value.dtype}|{total:.8e}|".encode())
             h.update(np.ascontiguousarray(head).tobytes())
-    for name, sub in module.named_modules():
-        config = getattr(sub, "fingerprint_config", None)
-        if callable(config):
-            h.update(f"{name}|{type(sub).__name__}|{config()}|".encode())
+        for name, sub in module.named_modules():
+            config = getattr(sub, "fingerprint_config", None)
+            if callable(config):
+                h.update(f"{name}|{config()}|".encode())  # (not the class: a subclass is one)
+            for buffer in sorted(getattr(sub, "_non_persistent_buffers_set", ())):
+                value = getattr(sub, buffer, None)  # constants outside the state dict
+                if isinstance(value, Tensor):
+                    head = value.detach().reshape(-1)[:64].to("cpu", torch.float64).numpy()
+                    h.update(f"{name}.{buffer}|{tuple(value.shape)}|".encode())
+                    h.update(np.ascontiguousarray(head).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -172,7 +172,7 @@ class RectifiedFlowField(nn.Module):
 
     def fingerprint_config(self) -> str:
         """What, beside the weights, makes this field another field (see module_fingerprint)."""
-        return self.extra_repr()
+        return f"rectified-flow: {self.extra_repr()}"
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
@@ -283,7 +283,7 @@ class DiffusersField(nn.Module):
 
     def fingerprint_config(self) -> str:
         """What, beside the weights, makes this field another field (see module_fingerprint)."""
-        return f"{self.extra_repr()}, model_kwargs={sorted(self.model_kwargs)}"
+        return f"diffusers: {self.extra_repr()}, model_kwargs={sorted(self.model_kwargs)}"
 
     def timestep(self, t: Tensor) -> Tensor:
         """The timestep the model is fed at bossflow times ``t`` (B,): from ``sigma = 1 - t``."""
@@ -326,7 +326,7 @@ class FlowMatchingField(nn.Module):
 
     def fingerprint_config(self) -> str:
         """What, beside the weights, makes this field another field (see module_fingerprint)."""
-        return f"extras={sorted(self.extras)}"
+        return f"flow_matching: extras={sorted(self.extras)}"
 
     def _call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return _unwrap_output(self.network(x=x, t=t, **self.extras, **cond))
@@ -388,7 +388,7 @@ class TorchCFMField(nn.Module):
 
     def fingerprint_config(self) -> str:
         """What, beside the weights, makes this field another field (see module_fingerprint)."""
-        return self.extra_repr()
+        return f"torchcfm: {self.extra_repr()}"
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)
@@ -562,7 +562,7 @@ class Precision(nn.Module):
 
     def fingerprint_config(self) -> str:
         """Another precision is another field: caches made in bf16 are not resumed in fp16."""
-        return self.extra_repr()
+        return f"precision: {self.extra_repr()}"
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         x_in = x
@@ -640,6 +640,10 @@ class AffineGaussianField(nn.Module):
         self.scale = float(scale)
         self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float64), persistent=False)
 
+    def fingerprint_config(self) -> str:
+        """No weights: the constants are the field (see module_fingerprint)."""
+        return f"affine: scale={self.scale!r}"  # the shift is a buffer, hashed with the buffers
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         t = time_batch(t, x).view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         shift = self.shift.to(dtype=x.dtype, device=x.device)
@@ -665,6 +669,10 @@ class SpiralField(nn.Module):
     def __init__(self, rate: float = 0.5, omega: float = 3.0):
         super().__init__()
         self.mu = complex(rate, omega)
+
+    def fingerprint_config(self) -> str:
+        """No weights: the constants are the field (see module_fingerprint)."""
+        return f"spiral: mu={self.mu!r}"
 
     @staticmethod
     def _pairs(x: Tensor) -> Tensor:

@@ -190,7 +190,7 @@ def teacher_endpoints(
 
     identity = {
         "model": module_fingerprint(field),
-        "noise": noise_fingerprint(noise[0]) if noise.shape[0] else None,
+        "noise": noise_fingerprint(noise) if noise.shape[0] else None,  # every noise, not one
         "count": int(noise.shape[0]),
         "solver": solver,
         "steps": int(steps),
@@ -679,6 +679,9 @@ def learn_best_sampler(
     from dataclasses import replace
 
     config = config or LearnConfig()
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if unknown:  # a misspelt family is an error, not a family that cannot spend the budget
+        raise ConfigError(f"unknown solver {unknown[0]!r}; choose from {', '.join(SOLVERS)}")
     results: dict[str, LearnResult] = {}
     for solver in solvers:
         try:
@@ -695,7 +698,7 @@ def learn_best_sampler(
         raise ConfigError(
             f"none of the solvers {list(solvers)} can spend exactly {nfe} evaluations"
         )
-    best = min(results.values(), key=lambda r: (r.heldout_error, r.sampler.solver))
+    best = min(results.values(), key=lambda r: r.heldout_error)  # ties: the earlier family
     if not math.isfinite(best.heldout_error):
         raise ConfigError("every learned sampler diverged; lower lr")
     first = next(iter(results.values()))

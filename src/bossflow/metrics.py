@@ -155,6 +155,8 @@ def psnr_from_mse(mse: float, data_range: float = 2.0) -> float:
         raise ConfigError(f"data_range must be positive, got {data_range!r}")
     if mse == 0.0:
         return math.inf
+    if math.isinf(mse):  # diverged samples: a record, not a math domain error
+        return -math.inf
     return 10.0 * math.log10(data_range**2 / mse)
 
 

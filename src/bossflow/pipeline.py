@@ -10,6 +10,7 @@ Noises never overlap between stages: sample ``m`` of a stage is ``NoiseSource(se
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 
 from .bellman import bellman_schedules, cost_matrix
+from .errors import ConfigError
 from .evaluation import EvalEntry, evaluate_methods
 from .io import atomic_write_text, ensure_dir
+from .learn import steps_for
 from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
 from .schedule import edm, uniform
 from .solvers import reference_solve
@@ -88,8 +91,6 @@ class DemoConfig:
     guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
-
         if not set(self.learn_nfes) <= set(self.nfes):
             raise ConfigError(
                 f"learn_nfes {list(self.learn_nfes)} must be among nfes {list(self.nfes)}"
@@ -105,6 +106,13 @@ class DemoConfig:
                 f"{self.schedule_samples}: the sampler is learned on the cost matrix's noises"
             )
 
+        from .solvers import SOLVERS
+
+        unknown = [x for x in self.learn_solvers if x not in SOLVERS]
+        if unknown:  # checked now, not at stage 3 after the straightening
+            raise ConfigError(
+                f"unknown learn_solvers entry {unknown[0]!r}; choose from {', '.join(SOLVERS)}"
+            )
         if self.model not in ("digits", "digits-cond"):
             raise ConfigError(
                 f"the demo runs on the embedded models digits and digits-cond, not {self.model!r}"
@@ -158,9 +166,17 @@ def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, prog
         meta={"model": model.model_id, "seed": cfg.seed, "kmax": cfg.kmax},
         cond=cond,
     )
-    schedules = bellman_schedules(cost, sorted(set(cfg.nfes) | set(cfg.straighten_nfes)))
-    for k, s in schedules.items():
-        s.save(out / f"schedule_nfe{k}.json")
+    shown = set(cfg.nfes) | set(cfg.straighten_nfes)
+    # the learned samplers start from the Bellman times of their own step count (Heun at NFE 4:
+    # the 2-step schedule), like `bossflow schedule --method learned`
+    starts = set()
+    for k in {*cfg.learn_nfes, *cfg.boss_learn_nfes}:
+        for solver in cfg.learn_solvers:
+            with contextlib.suppress(ConfigError):  # a family that cannot spend k is skipped
+                starts.add(steps_for(solver, k))
+    schedules = bellman_schedules(cost, sorted(shown | starts))
+    for k in sorted(shown):
+        schedules[k].save(out / f"schedule_nfe{k}.json")
     return cost, schedules
 
 
@@ -251,7 +267,7 @@ def _learn_stage(model, cfg: DemoConfig, out: Path, source, bellman, runs, progr
     jobs += [("boss-learned", k, runs[("boss", k)].sampling_field) for k in cfg.boss_learn_nfes]
     for label, k, fld in jobs:
         _log(progress, f"  {label}, NFE {k}: {', '.join(cfg.learn_solvers)}")
-        inits = {k: bellman[k]}  # every default family takes one evaluation per step
+        inits = bellman  # by step count: each family starts from its own Bellman schedule
         best, every = learn_best_sampler(
             fld, z, teacher, k, cfg.learn_solvers, _replace(config), inits, None,
             out / f"{label}-nfe{k}", progress, {**prov, "field": label}, cond,

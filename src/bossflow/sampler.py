@@ -234,7 +234,9 @@ def load_schedule(path: str | os.PathLike) -> Schedule | Sampler:
         return Schedule(np.asarray(data, dtype=np.float64))
     if not isinstance(data, Mapping):
         raise ScheduleError(f"{path} is not a bossflow schedule (a JSON object or list of times)")
-    fmt = str(data.get("format", _SCHEDULE_FORMAT))
+    # no format but a solver or scales: a sampler written by hand (as a schedule, they were lost)
+    sampler_like = "format" not in data and ("solver" in data or "scales" in data)
+    fmt = str(data.get("format", SAMPLER_FORMAT if sampler_like else _SCHEDULE_FORMAT))
     if fmt.startswith("bossflow.sampler/"):
         return Sampler.from_dict(data, str(path))
     if fmt.startswith("bossflow.schedule/"):

@@ -41,6 +41,8 @@ def _format_version(fmt: Any, family: str, where: str) -> int:
         version = int(number)
     except ValueError:
         raise ScheduleError(f"{where}: unknown format {fmt!r}") from None
+    if version < 1:
+        raise ScheduleError(f"{where}: unknown format {fmt!r} (versions start at 1)")
     if version > 1:
         raise ScheduleError(
             f"{where} is a {family} file of format version {version}, written by a newer bossflow; "
@@ -256,6 +258,11 @@ class Schedule:
                 "it with bossflow.load_schedule(path) or bossflow.sampler.Sampler.load(path)"
             )
         _format_version(fmt, "schedule", "the schedule")
+        if data.get("scales") is not None or data.get("solver", "euler") != "euler":
+            raise ScheduleError(
+                "this holds a solver or per-step scales: a sampler, not a plain schedule; read it "
+                "with bossflow.load_schedule(path) or bossflow.sampler.Sampler.from_dict"
+            )
         try:
             return cls(
                 times=data["times"],
