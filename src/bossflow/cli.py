@@ -619,11 +619,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     entries, warnings = [], []
-    teacher = _finetuned_json(args.finetuned).get("base_fingerprint") if args.finetuned else None
-    if teacher is not None and teacher != module_fingerprint(base.field):
+    teacher = _finetuned_json(args.finetuned).get("base_fingerprint")  # {} without --finetuned
+    if teacher is not None and teacher != (given := module_fingerprint(base.field)):
         warnings.append(
             f"{args.finetuned} was straightened from another model than {base.model_id!r} "
-            f"(fingerprint {teacher} there, {module_fingerprint(base.field)} here): the "
+            f"(fingerprint {teacher} there, {given} here): the "
             "reference solve is this model's, not its teacher's; pass the --model/--checkpoint "
             "it was straightened from"
         )
@@ -882,7 +882,8 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
             f"{model.model_id} has no weights to fine-tune; straighten needs a network (the "
             "built-in spiral is an analytic field: use it with schedule, sample and evaluate)"
         )
-    run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
+    recorded = _finetuned_guidance(args.finetuned)  # None without --finetuned
+    run = _conditioning(args, model, recorded, student=True)
     _log_conditioning(run)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
@@ -900,7 +901,6 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
     result = straighten(
         run.field, pairs, schedule, config, out / "train", not args.quiet, cond=run.cond
     )
-    recorded = _finetuned_guidance(args.finetuned)
     if recorded is not None and recorded["mode"] == "distill":  # still a distilled student
         result.teacher_guidance = recorded
     first = _finetuned_json(args.finetuned).get("base_fingerprint")

@@ -42,7 +42,7 @@ from ..noise import (
     cond_fingerprint,
     cond_reader,
     noise_reader,
-    same_identity,
+    same_cond,
 )
 from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
@@ -412,7 +412,7 @@ def _check_cache(
         f"{_IDENTITY_LABELS.get(k, k)}: {acc.identity.get(k)!r} there, {v!r} now"
         for k, v in identity.items()
         if acc.identity.get(k) != v
-        and not (k == key and same_identity(acc.identity, identity, take_cond, total, key))
+        and not (k == key and v is not None and same_cond(acc.identity.get(k), take_cond, total))
     ]
     if differ:
         raise CheckpointError(

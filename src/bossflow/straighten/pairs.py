@@ -53,7 +53,7 @@ from ..noise import (
     cond_fingerprint,
     cond_reader,
     noise_reader,
-    same_identity,
+    same_cond,
 )
 from ..schedule import Schedule, resolve_grid
 from ..solvers import sample
@@ -567,9 +567,9 @@ def _start_manifest(
         manifest = {**identity, "samples": total, "count": 0, "shards": []}
     else:
         key = "cond_fingerprint"  # the same first rows: a store grown to more samples
-        differ = [k for k in identity if k != key and manifest.get(k) != identity[k]]
-        if not same_identity({key: manifest.get(key)}, {key: identity[key]}, take_cond, total, key):
-            differ.append(key)
+        differ = [k for k in identity if manifest.get(k) != identity[k]]
+        if key in differ and identity[key] and same_cond(manifest.get(key), take_cond, total):
+            differ.remove(key)
         if differ:
             raise CheckpointError(
                 f"{path} holds pairs made with another schedule, grid, model or noise (different: "
