@@ -54,9 +54,11 @@ def work(out: Path, samples: int, kmax: int, batch: int, iterations: int) -> Non
         make_pairs(field, noise, schedule, Path(folder) / "pairs", kmax, samples, batch)
         pairs_s = max(dist.all_gather_object(time.perf_counter() - start))
         dist.barrier()
-    z = noise.take(samples + samples // 4)  # a quarter held out
+    z = noise.take(samples + samples // 4)  # `samples` to learn on, a quarter more held out
     teacher = teacher_endpoints(field, z, steps=kmax, batch_size=batch)
-    config = LearnConfig(iterations=iterations, batch_size=samples, eval_every=10, margin=0)
+    config = LearnConfig(
+        iterations=iterations, batch_size=samples, holdout=samples // 4, eval_every=10, margin=0
+    )
     dist.barrier()
     start = time.perf_counter()
     learned = learn_sampler(field, z, teacher, 4, config, init=schedule)

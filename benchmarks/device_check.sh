@@ -7,7 +7,8 @@
 #    in fp32, TF32, fp16 / bf16 autocast with channels-last, and compiled TF32 / fp16, each
 #    timed and compared with fp32 (benchmarks/bench_cost_precision.py);
 # 2. the library on the device against the CPU, and the demo's wall time there
-#    (benchmarks/gpu_check.py).
+#    (benchmarks/gpu_check.py);
+# 3. the CLI's --precision options on the device (digits schedules: fp32, then tf32 / fp16 + channels-last).
 # About 5-8 minutes on one H200 (compilation included); each step has its own time limit, so a
 # slow step leaves the others' results. Runs from a source checkout without installing
 # (PYTHONPATH=src): torch, numpy, safetensors and tqdm must be there already.
@@ -34,3 +35,16 @@ timeout 420 $PY benchmarks/bench_cost_precision.py --model "${MODEL:-rectified-f
 if [ "$DEVICE" = cuda ]; then
     timeout 240 $PY benchmarks/gpu_check.py --out /tmp/bossflow_gpu_check 2>&1 | tee "$OUT/gpu_check.md"
 fi
+
+SCHED="$PY -m bossflow schedule --model digits --device $DEVICE --nfe 2,4 --kmax 50 --samples 256 --quiet"
+precisions="fp16"
+[ "$DEVICE" = cuda ] && precisions="tf32 fp16"
+{
+    timeout 60 $SCHED --out /tmp/bossflow_cli_fp32
+    for p in $precisions; do
+        timeout 60 $SCHED --precision "$p" --channels-last --out "/tmp/bossflow_cli_$p" &&
+            $PY -c "import sys, numpy as np; from bossflow.bellman import CostMatrix as C
+a, b = (C.load(f'/tmp/bossflow_cli_{n}/cost_matrix.npz').values for n in ('fp32', sys.argv[1]))
+print(sys.argv[1], 'channels-last: cost matrix max rel. error vs fp32', np.abs(a - b).max() / np.abs(a).max())" "$p"
+    done
+} 2>&1 | tee "$OUT/cli_precision.txt"

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bossflow import distributed as dist
+from bossflow.errors import ConfigError
 from bossflow.io import atomic_write_text
 
 HERE = Path(__file__).parent
@@ -105,6 +106,28 @@ def test_train_base_refuses_torchrun(tmp_path, monkeypatch, capsys):
     assert main(["train-base", "--steps", "1", "--out", str(tmp_path / "b")]) == 2
     assert "run it without torchrun" in capsys.readouterr().err
     assert not (tmp_path / "b" / "digits.safetensors").exists()
+
+
+def test_batch_that_does_not_split_is_refused_before_the_pairs(tmp_path, monkeypatch, capsys):
+    """--batch-size 16 on 3 processes was refused by straighten() after every pair was made."""
+    from bossflow.cli import main
+    from bossflow.pipeline import DemoConfig, run_demo
+    from bossflow.schedule import uniform
+
+    uniform(2).save(tmp_path / "s.json")
+    patches = (("is_distributed", True), ("rank", 0), ("world_size", 3), ("report_failure", True))
+    for name, value in patches:
+        monkeypatch.setattr(dist, name, lambda *a, v=value: v)
+    out = tmp_path / "st"
+    argv = ["straighten", "--schedule", str(tmp_path / "s.json"), "--batch-size", "16"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
+    assert (
+        "--batch-size 16 is split over 3 processes; pass a multiple of 3" in capsys.readouterr().err
+    )
+    assert not out.exists()  # no pairs
+    with pytest.raises(ConfigError, match="the demo's fine-tuning batch 32 is split over 3"):
+        run_demo(tmp_path / "demo", DemoConfig.quick())
+    assert not (tmp_path / "demo" / "schedule").exists()
 
 
 @pytest.mark.slow

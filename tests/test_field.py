@@ -144,3 +144,30 @@ def test_precision_runs_the_network_cheaper_and_returns_the_states_dtype():
     err = float((bf16 - full).abs().max() / full.abs().max())
     assert 1e-5 < err < 5e-2  # bfloat16 arithmetic: visibly different, still close
     torch.testing.assert_close(layout, full, rtol=1e-4, atol=1e-5)  # a layout change only
+
+
+def test_precision_tf32_holds_only_during_the_fields_calls():
+    from bossflow.checkpoint import module_fingerprint
+    from bossflow.errors import ConfigError
+    from bossflow.field import Precision
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, t):
+            matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+            seen.append((matmul.allow_tf32, cudnn.allow_tf32))
+            return x
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    x, t = torch.randn(2, 3), torch.rand(2)
+    Precision(Probe(), None, tf32=True)(x, t)
+    Precision(Probe(), None)(x, t)
+    assert seen == [(True, True), before]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    fingerprints = {
+        module_fingerprint(Precision(Probe(), None, tf32=tf32)) for tf32 in (False, True)
+    }
+    assert len(fingerprints) == 2  # a TF32 cache is not resumed in full fp32
+    with pytest.raises(ConfigError, match="torch.float16, torch.bfloat16 or None"):
+        Precision(Probe(), torch.float64)

@@ -242,7 +242,13 @@ def _output_file(path: str | Path) -> Iterator[Path]:
         yield path
 
 
-def add_model_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+def add_model_options(
+    p: argparse.ArgumentParser, default: str | None = "digits", precision: str = ""
+) -> None:
+    """The model, conditioning and guidance options; ``precision``: what ``--precision`` covers."""
     from .spec import CONVENTIONS
 
     g = p.add_argument_group("model")
@@ -279,6 +285,21 @@ def add_model_options(p: argparse.ArgumentParser, default: str | None = "digits"
     )
     g.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1 ... or auto (cuda if available)"
+    )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the network's arithmetic: fp32 (PyTorch's defaults), tf32 (CUDA TF32 matmuls and "
+        "convolutions), fp16 or bf16 autocast; velocities, states and costs stay in the states' "
+        f"dtype{precision}. fp16 kept cost matrices within 3e-4 of fp32 on our models, bf16 only "
+        "within 5e-3 (docs/performance.md)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="run an image model's network in channels-last memory layout (same values; often "
+        "faster on GPUs)",
     )
     c = p.add_argument_group("conditioning and guidance")
     c.add_argument(
@@ -320,12 +341,19 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
     """The model of ``--model`` (and, unless ``finetuned=False``, ``--finetuned`` on top)."""
     from .spec import load_model
 
+    device = _device(args.device)
+    if getattr(args, "precision", None) == "tf32" and not device.startswith("cuda"):
+        raise ConfigError(  # before the model is loaded
+            f"--precision tf32 is a CUDA matmul mode and changes nothing on {device}; use fp32, "
+            "or fp16/bf16 autocast"
+        )
+
     model = load_model(
         args.model,
         checkpoint=args.checkpoint,
         convention=args.convention,
         shape=args.shape,
-        device=_device(args.device),
+        device=device,
         weights=args.weights,
         sample_keyword=args.sample_keyword,
         timestep_scale=args.timestep_scale,
@@ -337,18 +365,53 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
     return model
 
 
-def _conditioning(args: argparse.Namespace, model, recorded: dict | None = None, student=False):
+def _precise(args: argparse.Namespace, model):
+    """``model.field`` in the ``--precision`` and layout asked (:class:`~bossflow.field.Precision`),
+    or itself for fp32 in the default layout; refuses what would silently do nothing."""
+    import torch
+
+    from .field import Precision
+
+    precision = getattr(args, "precision", "fp32")
+    channels_last = getattr(args, "channels_last", False)
+    if precision == "fp32" and not channels_last:
+        return model.field
+    if channels_last and len(model.sample_shape) != 3:
+        raise ConfigError(
+            f"--channels-last is for image models (C,H,W samples); {model.model_id} samples have "
+            f"shape {_shape_text(model.sample_shape)}: drop it"
+        )
+    if not isinstance(model.field, torch.nn.Module):
+        raise ConfigError(f"--precision {precision} needs a model that is an nn.Module")
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return Precision(model.field, amp, channels_last=channels_last, tf32=precision == "tf32")
+
+
+def _precision_meta(args: argparse.Namespace) -> dict[str, str]:
+    """``{"precision": "fp16, channels-last"}`` for provenance, or ``{}`` in the defaults."""
+    text = ", ".join(
+        [args.precision] * (args.precision != "fp32") + ["channels-last"] * args.channels_last
+    )
+    return {"precision": text} if text else {}
+
+
+def _conditioning(
+    args: argparse.Namespace, model, recorded: dict | None = None, student=False, precise=True
+):
     """The run's field and per-sample conditioning (:func:`prepare_conditioning`) from the options.
 
     ``recorded``: the guidance a ``--finetuned`` file was straightened under
     (:func:`_finetuned_guidance`); its scale is the run's (another ``--guidance-scale`` is refused).
     ``student=True``: the field is the straightened one, which a ``distill`` run samples without
-    guidance (on the same conditioning, less the unconditional inputs).
+    guidance (on the same conditioning, less the unconditional inputs). ``precise``: the network
+    runs in ``--precision`` (else in float32, as fine-tuning and sampler learning do).
     """
     from dataclasses import replace
 
     from .conditioning import prepare_conditioning
     from .field import Unguided
+
+    field = _precise(args, model) if precise else model.field
 
     scale = args.guidance_scale
     if recorded is not None:
@@ -359,12 +422,12 @@ def _conditioning(args: argparse.Namespace, model, recorded: dict | None = None,
             )
         scale = recorded["scale"]
     run = prepare_conditioning(
-        model.field, model.info, args.cond, args.uncond, scale, _device(args.device)
+        field, model.info, args.cond, args.uncond, scale, _device(args.device)
     )
     if student and recorded is not None and recorded["mode"] == "distill":
         run = replace(
             run,
-            field=Unguided(model.field),
+            field=Unguided(field),
             guidance_scale=None,
             description=f"{run.description} (distilled: sampled without guidance)",
         )
@@ -445,7 +508,7 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
     run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
     _log_conditioning(run)
     noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
-    meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax}
+    meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax, **_precision_meta(args)}
     cost = cost_matrix(
         run.field,
         noise,
@@ -502,6 +565,9 @@ def _learn_samplers(args, out: Path, model, noise, schedules, config, run) -> No
         run.field, z, args.teacher_steps, "heun", args.batch_size, out / "teacher.pt",
         progress=not args.quiet, cond=run.cond,
     )  # fmt: skip
+    # the teacher ran in --precision; learning backpropagates through the network in float32
+    # (fp16 gradients of a small final error underflow)
+    run = _conditioning(args, model, _finetuned_guidance(args.finetuned), True, precise=False)
     prov = {"model": model.model_id, "seed": args.seed, "teacher": f"heun {args.teacher_steps}"}
     print(f"{'NFE':>4}  {'solver':>8}  {'held-out MSE':>12}  {'Bellman start':>13}  times")
     for k in sorted(args.nfe):
@@ -595,6 +661,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import module_fingerprint
     from .evaluation import EvalEntry, evaluate_methods
     from .io import ensure_dir
+    from .metrics import frechet_backend
     from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
     from .report import markdown_table, write_report
 
@@ -689,6 +756,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "finetuned_iterations": iterations,
             "conditioning": base_run.description,
             "warnings": warnings,
+            **_precision_meta(args),
+            **({"frechet_backend": frechet_backend()} if features is not None else {}),
         },
         title=f"bossflow evaluate: {model.model_id}",
     )
@@ -848,6 +917,9 @@ def _straighten_config(args: argparse.Namespace):
         sharding=args.sharding,
     )
     config.check()
+    from .straighten.train import check_batch_split
+
+    check_batch_split(config.batch_size, "--batch-size")  # before the pairs, not after them
     return config
 
 
@@ -883,11 +955,13 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
             "built-in spiral is an analytic field: use it with schedule, sample and evaluate)"
         )
     recorded = _finetuned_guidance(args.finetuned)  # None without --finetuned
-    run = _conditioning(args, model, recorded, student=True)
+    # the teacher's fine trajectories run in --precision; fine-tuning runs in float32
+    teacher = _conditioning(args, model, recorded, student=True)
+    run = _conditioning(args, model, recorded, student=True, precise=False)
     _log_conditioning(run)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
-        run.field,
+        teacher.field,
         OffsetNoise(source, STAGE_OFFSETS["pairs"]),
         [schedule],
         out / "pairs",
@@ -895,8 +969,8 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
         samples=args.pairs,
         batch_size=args.batch,
         progress=not args.quiet,
-        meta={"model": model.model_id, "seed": args.seed},
-        cond=run.cond,
+        meta={"model": model.model_id, "seed": args.seed, **_precision_meta(args)},
+        cond=teacher.cond,
     )
     result = straighten(
         run.field, pairs, schedule, config, out / "train", not args.quiet, cond=run.cond
@@ -1012,7 +1086,9 @@ def build_parser() -> argparse.ArgumentParser:
         "between any two fine-grid times (paper eq. 5) and pick, by dynamic programming, the "
         "least-cost schedule for each NFE. Rerunning with the same --out resumes an interrupted run.",
     )
-    add_model_options(p)
+    add_model_options(
+        p, precision=" (the cost matrix and teacher solves; sampler learning runs in float32)"
+    )
     p.add_argument(
         "--nfe",
         type=_int_list,
@@ -1178,7 +1254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tune the model so one Euler step per interval lands on them (paper eq. 9). "
         "Rerunning with the same --out resumes pairs and training.",
     )
-    add_model_options(p)
+    add_model_options(p, precision=" (the teacher's pairs; fine-tuning runs in float32)")
     lib = StraightenConfig()  # the library's defaults are the CLI's
     p.add_argument(
         "--schedule", required=True, help="schedule JSON from 'bossflow schedule' (required)"
@@ -1277,8 +1353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole method on the shipped digits model, with a report",
         description="Bellman schedules for NFE 2, 4, 6, 8 -> BOSS (full and LoRA) for NFE 2 and 4 "
-        "-> reflow at the same iterations -> evaluation of every method on held-out noises -> "
-        "report.md, results.json, plots and sample grids. Rerun to resume.",
+        "-> reflow at the same iterations -> learned samplers on the base and BOSS models -> "
+        "evaluation of every method on held-out noises -> report.md, results.json, plots and "
+        "sample grids. Rerun to resume.",
     )
     full, quick = DemoConfig(), DemoConfig.quick()
 

@@ -528,20 +528,23 @@ def check_cond(
 
 
 class Precision(nn.Module):
-    """A field run in lower precision: ``autocast`` (e.g. bfloat16) and/or channels-last layout.
+    """A field run in lower precision: ``autocast`` (e.g. float16), TF32 and/or channels-last.
 
     The forward pass runs under ``torch.autocast(device, dtype=autocast)``; the velocity comes back
     in the states' dtype, so sampling steps, states and the cost matrix's float64 accumulation are
-    unchanged: only the network's arithmetic is cheaper. ``channels_last=True`` converts the
-    field's 4-D weights to channels-last in place and hands it channels-last images (a layout
-    change, same values). Measure what it costs in accuracy before using it for a schedule:
+    unchanged: only the network's arithmetic is cheaper. ``tf32=True`` lets CUDA float32 matmuls
+    and convolutions use TF32 during this field's calls only (the process's settings are restored
+    after each call; TF32 does nothing on a CPU). ``channels_last=True`` converts the field's 4-D
+    weights to channels-last in place and hands it channels-last images (a layout change, same
+    values). Measure what it costs in accuracy before using it for a schedule:
     ``benchmarks/bench_cost_precision.py`` prints the cost matrix's relative error and whether the
-    Bellman schedules change.
+    Bellman schedules change; the CLI's ``--precision``/``--channels-last`` build this wrapper.
 
     Args:
         field: the velocity field (an ``nn.Module``).
         autocast: the autocast dtype (``torch.bfloat16``, ``torch.float16``), or ``None``.
         channels_last: run image models (4-D inputs) in channels-last layout.
+        tf32: allow TF32 for float32 matmuls and convolutions on CUDA.
     """
 
     def __init__(
@@ -549,16 +552,23 @@ class Precision(nn.Module):
         field: nn.Module,
         autocast: torch.dtype | None = torch.bfloat16,
         channels_last: bool = False,
+        tf32: bool = False,
     ):
         super().__init__()
+        if autocast not in (None, torch.float16, torch.bfloat16):
+            raise ConfigError(
+                f"Precision autocast must be torch.float16, torch.bfloat16 or None, got {autocast}"
+            )
         self.field = field
         self.autocast = autocast
         self.channels_last = channels_last
+        self.tf32 = tf32
         if channels_last:
             field.to(memory_format=torch.channels_last)
 
     def extra_repr(self) -> str:
-        return f"autocast={self.autocast}, channels_last={self.channels_last}"
+        text = f"autocast={self.autocast}, channels_last={self.channels_last}"
+        return text + (", tf32=True" if self.tf32 else "")  # (fingerprints of older caches hold)
 
     def fingerprint_config(self) -> str:
         """Another precision is another field: caches made in bf16 are not resumed in fp16."""
@@ -568,12 +578,33 @@ class Precision(nn.Module):
         x_in = x
         if self.channels_last and x.ndim == 4:
             x_in = x.contiguous(memory_format=torch.channels_last)
-        if self.autocast is None:
-            v = self.field(x_in, t, **cond)
-        else:
-            with torch.autocast(x.device.type, dtype=self.autocast):
+        with _tf32(self.tf32):
+            if self.autocast is None:
                 v = self.field(x_in, t, **cond)
+            else:
+                with torch.autocast(x.device.type, dtype=self.autocast):
+                    v = self.field(x_in, t, **cond)
         return v.to(x.dtype).contiguous()
+
+
+class _tf32:
+    """Within the block, CUDA float32 matmuls and convolutions may use TF32 (``enabled``), then the
+    process's own settings come back; ``enabled=False`` changes nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.saved: tuple[bool, bool] | None = None
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+            self.saved = (matmul.allow_tf32, cudnn.allow_tf32)
+            matmul.allow_tf32 = cudnn.allow_tf32 = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+            self.saved = None
 
 
 def strip_uncond(cond: dict[str, Tensor] | None) -> dict[str, Tensor] | None:

@@ -290,8 +290,9 @@ def run_demo(
 
     Stages (each resumable): Bellman schedules for ``config.nfes`` -> straightening pairs ->
     BOSS and BOSS-LoRA for ``config.straighten_nfes`` and a reflow baseline at the same iterations
-    -> evaluation of uniform / EDM / Bellman Euler, BOSS, BOSS-LoRA, reflow and a fine reference on
-    held-out noises -> ``report.md`` and ``results.json``.
+    -> learned samplers on the base and BOSS models -> evaluation of uniform / EDM / Bellman Euler,
+    learned, BOSS, BOSS-LoRA, BOSS-learned, reflow and a fine reference on held-out noises ->
+    ``report.md`` and ``results.json``.
 
     Returns:
         The path of ``report.md``.
@@ -315,8 +316,10 @@ def _run_demo_locked(
     from .pretrained import load_digits_classifier
     from .report import markdown_table, text_grid, write_report
     from .spec import load_model
+    from .straighten.train import check_batch_split
 
     cfg = config or DemoConfig()
+    check_batch_split(cfg.batch_size, "the demo's fine-tuning batch")  # before stage 1
     out = ensure_dir(out)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -748,6 +748,21 @@ def _seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.default_generators[index].manual_seed(seed)
 
 
+def check_batch_split(batch_size: int, option: str = "batch_size") -> int:
+    """The number of processes, when the global ``batch_size`` splits evenly over them.
+
+    Raises:
+        ConfigError: it does not (named as ``option``); callers check before making pairs.
+    """
+    world = dist.world_size()
+    if batch_size % world:
+        raise ConfigError(
+            f"{option} {batch_size} is split over {world} processes; pass a multiple of {world} "
+            "(the global batch, the same as one process would use)"
+        )
+    return world
+
+
 def straighten(
     field_module: nn.Module,
     pairs: PairStore,
@@ -820,12 +835,7 @@ def straighten(
     if unguided:
         field_module = field_module.field
     objective = OBJECTIVES[config.objective]
-    world = dist.world_size()
-    if config.batch_size % world:
-        raise ConfigError(
-            f"batch_size {config.batch_size} is split over {world} processes; pass a multiple of "
-            f"{world} (the global batch, the same as one process would use)"
-        )
+    world = check_batch_split(config.batch_size)
     share = config.batch_size // world
     part = slice(dist.rank() * share, (dist.rank() + 1) * share)  # this process's rows of a batch
     cols = torch.as_tensor(pairs.for_schedule(schedule))  # (K + 1,) store columns of s_0..s_K

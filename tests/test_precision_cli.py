@@ -1,0 +1,91 @@
+"""--precision and --channels-last: the network runs cheaper, results stay those of fp32 (closely)."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bossflow import Schedule
+from bossflow.bellman import CostMatrix
+from bossflow.cli import main
+from bossflow.pretrained import load_digits_field
+from bossflow.straighten import PairStore
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+SCHEDULE = ("schedule", "--nfe", "2,4", "--kmax", 20, "--samples", 32, "--quiet", "--device", "cpu")
+
+
+def test_schedule_in_fp16_channels_last_matches_fp32_and_is_its_own_cache(tmp_path, capsys):
+    assert run(*SCHEDULE, "--out", tmp_path / "fp32") == 0
+    assert run(*SCHEDULE, "--out", tmp_path / "fp16", "--precision", "fp16", "--channels-last") == 0
+    full = CostMatrix.load(tmp_path / "fp32" / "cost_matrix.npz").values
+    half = CostMatrix.load(tmp_path / "fp16" / "cost_matrix.npz").values
+    rel = np.abs(half - full).max() / np.abs(full).max()
+    assert 0 < rel < 1e-3  # fp16 arithmetic (not a no-op), costs still close (measured 1.8e-4)
+    for k in (2, 4):
+        a = Schedule.load(tmp_path / "fp32" / f"schedule_nfe{k}.json")
+        b = Schedule.load(tmp_path / "fp16" / f"schedule_nfe{k}.json")
+        np.testing.assert_array_equal(a.times, b.times)
+        assert (
+            b.provenance["precision"] == "fp16, channels-last" and "precision" not in a.provenance
+        )
+    # a cost matrix counted in fp32 is not extended in bf16: another precision is another field
+    capsys.readouterr()
+    assert run(*SCHEDULE, "--out", tmp_path / "fp32", "--precision", "bf16") == 2
+    assert "was made with another model" in capsys.readouterr().err
+
+
+def test_straighten_makes_pairs_in_the_precision_and_trains_in_float32(tmp_path):
+    schedule = tmp_path / "s"
+    assert run(*SCHEDULE, "--out", schedule) == 0
+    common = ("straighten", "--schedule", schedule / "schedule_nfe2.json", "--kmax", 20)
+    sizes = ("--pairs", 12, "--holdout", 4, "--iterations", 2, "--batch-size", 4, "--quiet")
+    for name, extra in (("fp32", ()), ("bf16", ("--precision", "bf16", "--channels-last"))):
+        assert run(*common, *sizes, "--device", "cpu", "--out", tmp_path / name, *extra) == 0
+    full = PairStore.open(tmp_path / "fp32" / "pairs")
+    low = PairStore.open(tmp_path / "bf16" / "pairs")
+    a, b = full.states[range(12)], low.states[range(12)]
+    rel = float((a - b).abs().max() / a.abs().max())
+    assert 0 < rel < 5e-2  # the teacher ran in bf16
+    # the student is the plain network: the same keys as the base (no wrapper prefix), loadable
+    base = load_digits_field().state_dict()
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert set(weights) == set(base)
+    assert all(w.dtype == torch.float32 and w.is_contiguous() for w in weights.values())
+    out = tmp_path / "x.pt"
+    tuned = ("--schedule", schedule / "schedule_nfe2.json", "--samples", 4, "--out", out)
+    assert run("sample", *tuned, "--finetuned", tmp_path / "bf16" / "model.safetensors") == 0
+
+
+def test_sample_in_bf16_is_close_to_fp32(tmp_path):
+    common = ("sample", "--nfe", 4, "--samples", 8, "--save-tensor")
+    assert run(*common, tmp_path / "a.pt", "--out", tmp_path / "a.png") == 0
+    assert run(*common, tmp_path / "b.pt", "--out", tmp_path / "b.png", "--precision", "bf16") == 0
+    a = torch.load(tmp_path / "a.pt", weights_only=True)["samples"]
+    b = torch.load(tmp_path / "b.pt", weights_only=True)["samples"]
+    assert a.dtype == b.dtype == torch.float32
+    rel = float((a - b).abs().max() / a.abs().max())
+    assert 0 < rel < 5e-2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ("--precision", "tf32", "--device", "cpu"),
+            "--precision tf32 is a CUDA matmul mode and changes nothing on cpu",
+        ),
+        (
+            ("--model", "spiral", "--shape", "2", "--channels-last"),
+            "--channels-last is for image models",
+        ),
+    ],
+)
+def test_precision_options_that_would_do_nothing_are_refused(tmp_path, capsys, argv, message):
+    assert run("schedule", "--quiet", *argv, "--out", tmp_path / "o") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
