@@ -77,6 +77,31 @@ def test_scales_only_keeps_the_initial_times(spiral):
     assert len(plain.sampler.to_diffusers_sigmas()) == 3  # plain Euler exports
 
 
+def test_each_batch_gradient_is_that_batchs_alone(spiral):
+    """Times kept fixed are not the optimizer's, so nothing cleared their gradient: it summed
+    over iterations (and doubled per iteration under two ranks' all-reduce)."""
+    from bossflow.learn import _batch_backward
+
+    field, z, teacher = spiral
+    theta = torch.log(torch.full((3,), 1 / 3, dtype=torch.float64)).requires_grad_()
+    phi = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    rows = np.arange(8)
+    args = (
+        field,
+        z,
+        teacher,
+        rows,
+        theta,
+        phi,
+        "euler",
+        lambda x, y: (x - y).pow(2).flatten(1).mean(1),
+    )
+    _batch_backward(*args, lambda rows: None)
+    once = theta.grad.clone(), phi.grad.clone()
+    _batch_backward(*args, lambda rows: None)
+    torch.testing.assert_close((theta.grad, phi.grad), once)
+
+
 def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     field, z, teacher = spiral
     config = cfg(iterations=30)

@@ -346,6 +346,8 @@ def _batch_backward(
     the whole batch (data parallel: the sampler's parameters stay identical on every rank).
     """
     params = [p for p in (theta, phi) if p is not None]
+    for p in params:  # this batch's gradient only (times kept fixed are not the optimizer's)
+        p.grad = None
     part = rows[dist.split_range(len(rows))] if dist.is_distributed() else rows
     loss = torch.zeros((), dtype=torch.float64)
     with dist.fail_together():  # the other ranks wait in the sum below
