@@ -235,7 +235,10 @@ def teacher_endpoints(
     # split over the processes of a multi-process run, gathered in sample order
     out = dist.map_rows(solve, int(noise.shape[0]), noise.device)
     if cache is not None:
-        save_state(cache, {"format": TEACHER_FORMAT, "identity": identity, "endpoints": out.cpu()})
+        with dist.fail_together():  # rank 0 writes; the others must not wait for it in vain
+            save_state(
+                cache, {"format": TEACHER_FORMAT, "identity": identity, "endpoints": out.cpu()}
+            )
     return out
 
 
