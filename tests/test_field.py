@@ -149,22 +149,36 @@ def test_precision_runs_the_network_cheaper_and_returns_the_states_dtype():
 def test_precision_tf32_holds_only_during_the_fields_calls():
     from bossflow.checkpoint import module_fingerprint
     from bossflow.errors import ConfigError
-    from bossflow.field import Precision
+    from bossflow.field import Precision, _tf32
+
+    objects, name = _tf32._settings()  # fp32_precision on this torch, allow_tf32 before 2.9
+
+    def state():
+        return tuple(getattr(o, name) for o in objects)
 
     seen = []
 
     class Probe(torch.nn.Module):
         def forward(self, x, t):
-            matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-            seen.append((matmul.allow_tf32, cudnn.allow_tf32))
+            seen.append(state())
             return x
 
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     x, t = torch.randn(2, 3), torch.rand(2)
-    Precision(Probe(), None, tf32=True)(x, t)
-    Precision(Probe(), None)(x, t)
-    assert seen == [(True, True), before]
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    on = ("tf32", "tf32") if name == "fp32_precision" else (True, True)
+    for user in ((), ("ieee", "ieee")) if name == "fp32_precision" else ((),):
+        saved = state()
+        for o, value in zip(objects, user):  # a program that set the new settings itself
+            setattr(o, name, value)
+        before = state()
+        seen.clear()
+        try:
+            Precision(Probe(), None, tf32=True)(x, t)
+            Precision(Probe(), None)(x, t)
+            assert seen == [on, before]
+            assert state() == before
+        finally:
+            for o, value in zip(objects, saved):
+                setattr(o, name, value)
     fingerprints = {
         module_fingerprint(Precision(Probe(), None, tf32=tf32)) for tf32 in (False, True)
     }

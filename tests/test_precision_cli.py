@@ -1,5 +1,7 @@
 """--precision and --channels-last: the network runs cheaper, results stay those of fp32 (closely)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,22 @@ def test_schedule_in_fp16_channels_last_matches_fp32_and_is_its_own_cache(tmp_pa
     assert "was made with another model" in capsys.readouterr().err
 
 
-def test_straighten_makes_pairs_in_the_precision_and_trains_in_float32(tmp_path):
+def _plain_layout(field) -> bool:
+    return all(p.is_contiguous() for p in field.parameters())
+
+
+def test_straighten_makes_pairs_in_the_precision_and_trains_in_float32(tmp_path, monkeypatch):
+    import importlib
+
+    straighten_module = importlib.import_module("bossflow.straighten")  # (bossflow.straighten
+    # is also the function, exported by the package)
+    real, layouts = straighten_module.straighten, []
+
+    def spy(field, *args, **kwargs):  # the student as fine-tuning receives it
+        layouts.append(_plain_layout(field))
+        return real(field, *args, **kwargs)
+
+    monkeypatch.setattr(straighten_module, "straighten", spy)
     schedule = tmp_path / "s"
     assert run(*SCHEDULE, "--out", schedule) == 0
     common = ("straighten", "--schedule", schedule / "schedule_nfe2.json", "--kmax", 20)
@@ -51,6 +68,10 @@ def test_straighten_makes_pairs_in_the_precision_and_trains_in_float32(tmp_path)
     a, b = full.states[range(12)], low.states[range(12)]
     rel = float((a - b).abs().max() / a.abs().max())
     assert 0 < rel < 5e-2  # the teacher ran in bf16
+    # ... and the student trained in the network's own layout (FSDP2 refuses channels-last weights)
+    assert layouts == [True, True]
+    provenance = json.loads((tmp_path / "bf16" / "model.json").read_text())
+    assert provenance["pairs"]["precision"] == "bf16, channels-last"
     # the student is the plain network: the same keys as the base (no wrapper prefix), loadable
     base = load_digits_field().state_dict()
     weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
@@ -59,6 +80,27 @@ def test_straighten_makes_pairs_in_the_precision_and_trains_in_float32(tmp_path)
     out = tmp_path / "x.pt"
     tuned = ("--schedule", schedule / "schedule_nfe2.json", "--samples", 4, "--out", out)
     assert run("sample", *tuned, "--finetuned", tmp_path / "bf16" / "model.safetensors") == 0
+
+
+def test_learned_samplers_record_the_teachers_precision_and_learn_on_the_plain_network(
+    tmp_path, monkeypatch
+):
+    import bossflow.learn as learn_module
+
+    real, layouts = learn_module.learn_best_sampler, []
+
+    def spy(field, *args, **kwargs):
+        layouts.append(_plain_layout(field) and "Precision" not in repr(field))
+        return real(field, *args, **kwargs)
+
+    monkeypatch.setattr(learn_module, "learn_best_sampler", spy)
+    learned = ("--method", "learned", "--solvers", "euler", "--learn-iterations", 2)
+    extra = ("--teacher-steps", 20, "--precision", "fp16", "--channels-last")
+    assert run(*SCHEDULE, *learned, *extra, "--out", tmp_path / "l") == 0
+    assert layouts == [True, True]
+    for k in (2, 4):
+        provenance = json.loads((tmp_path / "l" / f"learned_nfe{k}.json").read_text())["provenance"]
+        assert provenance["precision"] == "fp16, channels-last"
 
 
 def test_sample_in_bf16_is_close_to_fp32(tmp_path):

@@ -290,8 +290,8 @@ def add_model_options(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="the network's arithmetic: fp32 (PyTorch's defaults), tf32 (CUDA TF32 matmuls and "
-        "convolutions), fp16 or bf16 autocast; velocities, states and costs stay in the states' "
+        help="the network's arithmetic: fp32 (PyTorch's defaults, under which CUDA convolutions "
+        "may already use TF32), tf32 (CUDA TF32 matmuls and convolutions), fp16 or bf16 autocast; velocities, states and costs stay in the states' "
         f"dtype{precision}. fp16 kept cost matrices within 3e-4 of fp32 on our models, bf16 only "
         "within 5e-3 (docs/performance.md)",
     )
@@ -385,6 +385,15 @@ def _precise(args: argparse.Namespace, model):
         raise ConfigError(f"--precision {precision} needs a model that is an nn.Module")
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     return Precision(model.field, amp, channels_last=channels_last, tf32=precision == "tf32")
+
+
+def _plain_layout(model) -> None:
+    """Undo ``--channels-last`` on the network's weights (converted in place by ``_precise``)
+    before what trains it: fine-tuning and sampler learning run on the plain network."""
+    import torch
+
+    if isinstance(model.field, torch.nn.Module):
+        model.field.to(memory_format=torch.contiguous_format)
 
 
 def _precision_meta(args: argparse.Namespace) -> dict[str, str]:
@@ -566,9 +575,11 @@ def _learn_samplers(args, out: Path, model, noise, schedules, config, run) -> No
         progress=not args.quiet, cond=run.cond,
     )  # fmt: skip
     # the teacher ran in --precision; learning backpropagates through the network in float32
-    # (fp16 gradients of a small final error underflow)
+    # (fp16 gradients of a small final error underflow), in its own layout
+    _plain_layout(model)
     run = _conditioning(args, model, _finetuned_guidance(args.finetuned), True, precise=False)
     prov = {"model": model.model_id, "seed": args.seed, "teacher": f"heun {args.teacher_steps}"}
+    prov.update(_precision_meta(args))  # of the teacher solves (learning runs in float32)
     print(f"{'NFE':>4}  {'solver':>8}  {'held-out MSE':>12}  {'Bellman start':>13}  times")
     for k in sorted(args.nfe):
         best, results = learn_best_sampler(
@@ -972,6 +983,7 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
         meta={"model": model.model_id, "seed": args.seed, **_precision_meta(args)},
         cond=teacher.cond,
     )
+    _plain_layout(model)  # the student trains as the network was given, not channels-last
     result = straighten(
         run.field, pairs, schedule, config, out / "train", not args.quiet, cond=run.cond
     )

@@ -589,21 +589,38 @@ class Precision(nn.Module):
 
 class _tf32:
     """Within the block, CUDA float32 matmuls and convolutions may use TF32 (``enabled``), then the
-    process's own settings come back; ``enabled=False`` changes nothing."""
+    process's own settings come back; ``enabled=False`` changes nothing.
+
+    Uses the ``fp32_precision`` settings where this torch has them (2.9 on): reading the legacy
+    ``allow_tf32`` flags raises once a program has set the new ones.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.saved: tuple[bool, bool] | None = None
+        self.saved: tuple[Any, Any, Any] | None = None
+
+    @staticmethod
+    def _settings() -> tuple[Any, str]:
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        if hasattr(matmul, "fp32_precision") and hasattr(
+            getattr(cudnn, "conv", None), "fp32_precision"
+        ):
+            return (matmul, cudnn.conv), "fp32_precision"
+        return (matmul, cudnn), "allow_tf32"
 
     def __enter__(self) -> None:
         if self.enabled:
-            matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-            self.saved = (matmul.allow_tf32, cudnn.allow_tf32)
-            matmul.allow_tf32 = cudnn.allow_tf32 = True
+            objects, name = self._settings()
+            on = "tf32" if name == "fp32_precision" else True
+            self.saved = (objects, name, [getattr(o, name) for o in objects])
+            for o in objects:
+                setattr(o, name, on)
 
     def __exit__(self, *exc: object) -> None:
         if self.saved is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+            objects, name, values = self.saved
+            for o, value in zip(objects, values):
+                setattr(o, name, value)
             self.saved = None
 
 

@@ -255,6 +255,7 @@ class StraightenResult:
             (saved with the weights, so ``--finetuned`` samples them as trained); else ``None``.
         base_fingerprint: the teacher's :func:`~bossflow.checkpoint.module_fingerprint` (saved,
             so an evaluation against another base model is flagged).
+        pairs_meta: the ``meta`` the pairs were made with (model id, seed, the CLI's precision).
     """
 
     module: nn.Module
@@ -270,6 +271,7 @@ class StraightenResult:
     guided: dict[str, Any] | None = None
     teacher_guidance: dict[str, Any] | None = None
     base_fingerprint: str | None = None
+    pairs_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sampling_field(self) -> nn.Module:
@@ -875,6 +877,7 @@ def straighten(
             "FlowMatchingField(model, batched_time=True) (it must take a (B,) time), or use ddp"
         )
     if sharded:  # FSDP2, in place: the parameters become shards (DTensors)
+        model.to(memory_format=torch.contiguous_format)  # FSDP2 shards contiguous weights only
         sharding.shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -1066,6 +1069,7 @@ def straighten(
             else {"scale": teacher_guide.scale, "mode": config.guidance}
         ),
         base_fingerprint=base_fingerprint,
+        pairs_meta=dict(pairs.manifest.get("meta") or {}),
     )
 
 
@@ -1120,6 +1124,7 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
         "trainable_parameters": result.trainable_parameters,
         "guidance": result.teacher_guidance,
         "base_fingerprint": result.base_fingerprint,  # the teacher: evaluate checks its base
+        "pairs": result.pairs_meta,  # what made the pairs (model, seed, precision)
         "network_prefix": prefix,
         "network_class": f"{cls.__module__}.{cls.__qualname__}",
         "diffusers_folder": diffusers_folder.name if diffusers_folder else None,
