@@ -6,9 +6,9 @@
 # 1. the scale-out issue's target: the NCSN++ CIFAR-10 cost matrix (256 noises x 100 Euler steps)
 #    in fp32, TF32, fp16 / bf16 autocast with channels-last, and compiled TF32 / fp16, each
 #    timed and compared with fp32 (benchmarks/bench_cost_precision.py);
-# 2. the library on the device against the CPU, and the demo's wall time there
-#    (benchmarks/gpu_check.py);
-# 3. the CLI's --precision options on the device (digits schedules: fp32, then tf32 / fp16 + channels-last).
+# 2. the CLI's --precision options on the device (digits schedules: fp32, then tf32 / fp16 + channels-last);
+# 3. the library on the device against the CPU, and the demo's wall time there
+#    (benchmarks/gpu_check.py; measured once already, so last).
 # About 5-8 minutes on one H200 (compilation included); each step has its own time limit, so a
 # slow step leaves the others' results. Runs from a source checkout without installing
 # (PYTHONPATH=src): torch, numpy, safetensors and tqdm must be there already.
@@ -32,10 +32,7 @@ timeout 420 $PY benchmarks/bench_cost_precision.py --model "${MODEL:-rectified-f
     --settings tf32,tf32-cl,fp16-cl,bf16-cl,tf32-cl-compile,fp16-cl-compile \
     2>&1 | tee "$OUT/cost_precision.md"
 
-if [ "$DEVICE" = cuda ]; then
-    timeout 240 $PY benchmarks/gpu_check.py --out /tmp/bossflow_gpu_check 2>&1 | tee "$OUT/gpu_check.md"
-fi
-
+rm -rf /tmp/bossflow_cli_*  # fresh caches: each run is measured, not resumed
 SCHED="$PY -m bossflow schedule --model digits --device $DEVICE --nfe 2,4 --kmax 50 --samples 256 --quiet"
 precisions="fp16"
 [ "$DEVICE" = cuda ] && precisions="tf32 fp16"
@@ -48,3 +45,7 @@ a, b = (C.load(f'/tmp/bossflow_cli_{n}/cost_matrix.npz').values for n in ('fp32'
 print(sys.argv[1], 'channels-last: cost matrix max rel. error vs fp32', np.abs(a - b).max() / np.abs(a).max())" "$p"
     done
 } 2>&1 | tee "$OUT/cli_precision.txt"
+
+if [ "$DEVICE" = cuda ]; then
+    timeout 240 $PY benchmarks/gpu_check.py --out /tmp/bossflow_gpu_check 2>&1 | tee "$OUT/gpu_check.md"
+fi
