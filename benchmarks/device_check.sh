@@ -11,7 +11,8 @@
 #    (benchmarks/gpu_check.py; measured once already, so last).
 # About 5-8 minutes on one H200 (compilation included); each step has its own time limit, so a
 # slow step leaves the others' results. Runs from a source checkout without installing
-# (PYTHONPATH=src): torch, numpy, safetensors and tqdm must be there already.
+# (PYTHONPATH=src): torch, numpy, safetensors and tqdm must be there already, and for the demo in
+# gpu_check.py peft, matplotlib, pillow and scikit-learn (the H200 image has them all).
 # Smoke test on a CPU machine: DEVICE=cpu MODEL=digits SAMPLES=16 GRID=10 bash benchmarks/device_check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ SCHED="$PY -m bossflow schedule --model digits --device $DEVICE --nfe 2,4 --kmax
 precisions="fp16"
 [ "$DEVICE" = cuda ] && precisions="tf32 fp16"
 {
-    timeout 60 $SCHED --out /tmp/bossflow_cli_fp32
+    # the reference in true fp32: on CUDA, PyTorch's default lets convolutions use TF32
+    NVIDIA_TF32_OVERRIDE=0 timeout 60 $SCHED --out /tmp/bossflow_cli_fp32
     for p in $precisions; do
         timeout 60 $SCHED --precision "$p" --channels-last --out "/tmp/bossflow_cli_$p" &&
             $PY -c "import sys, numpy as np; from bossflow.bellman import CostMatrix as C
