@@ -185,3 +185,22 @@ def test_precision_tf32_holds_only_during_the_fields_calls():
     assert len(fingerprints) == 2  # a TF32 cache is not resumed in full fp32
     with pytest.raises(ConfigError, match="torch.float16, torch.bfloat16 or None"):
         Precision(Probe(), torch.float64)
+
+
+def test_precision_compile_keeps_the_fields_weights_and_values():
+    import copy
+
+    from bossflow.checkpoint import module_fingerprint
+    from bossflow.field import Precision
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    field = TorchCFMField(lambda t, x: net(x))
+    field.net = net  # (the weights, as a module of the field)
+    compiled = Precision(field, None, compile=True)
+    x, t = torch.randn(6, 4), torch.rand(6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), field(x, t))
+        torch.testing.assert_close(copy.deepcopy(compiled)(x, t), field(x, t))
+    assert list(compiled.state_dict()) == [f"field.{k}" for k in field.state_dict()]
+    assert module_fingerprint(compiled) != module_fingerprint(Precision(field, None))

@@ -131,3 +131,31 @@ def test_precision_options_that_would_do_nothing_are_refused(tmp_path, capsys, a
     assert run("schedule", "--quiet", *argv, "--out", tmp_path / "o") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # compiles (about 5 s here)
+def test_compiled_network_gives_the_eager_schedule_and_keeps_its_own_cache(
+    tmp_path, user_module, capsys
+):
+    user_module("mymodel")
+    import mymodel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(mymodel.Net().state_dict(), str(tmp_path / "w.safetensors"))
+    user = ("schedule", "--model", "mymodel:Net", "--checkpoint", tmp_path / "w.safetensors")
+    user += ("--nfe", "2,3", "--kmax", 12, "--samples", 12, "--quiet", "--device", "cpu")
+    user += ("--batch-size", 5)  # batches of 5, 5, 2: two sizes
+    assert run(*user, "--out", tmp_path / "eager") == 0
+    assert run(*user, "--out", tmp_path / "compiled", "--compile") == 0
+    eager = CostMatrix.load(tmp_path / "eager" / "cost_matrix.npz").values
+    compiled = CostMatrix.load(tmp_path / "compiled" / "cost_matrix.npz").values
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-7 * np.abs(eager).max())
+    for k in (2, 3):
+        a = Schedule.load(tmp_path / "eager" / f"schedule_nfe{k}.json")
+        b = Schedule.load(tmp_path / "compiled" / f"schedule_nfe{k}.json")
+        np.testing.assert_array_equal(a.times, b.times)
+        assert b.provenance["precision"] == "compiled"
+    capsys.readouterr()
+    assert run(*user, "--out", tmp_path / "eager", "--compile") == 2  # another field's cache
+    assert "was made with another model" in capsys.readouterr().err

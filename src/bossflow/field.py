@@ -528,7 +528,7 @@ def check_cond(
 
 
 class Precision(nn.Module):
-    """A field run in lower precision: ``autocast`` (e.g. float16), TF32 and/or channels-last.
+    """A field run cheaper: ``autocast`` (e.g. float16), TF32, channels-last and/or compiled.
 
     The forward pass runs under ``torch.autocast(device, dtype=autocast)``; the velocity comes back
     in the states' dtype, so sampling steps, states and the cost matrix's float64 accumulation are
@@ -536,7 +536,10 @@ class Precision(nn.Module):
     and convolutions use TF32 during this field's calls only (the process's settings are restored
     after each call; TF32 does nothing on a CPU). ``channels_last=True`` converts the field's 4-D
     weights to channels-last in place and hands it channels-last images (a layout change, same
-    values). Measure what it costs in accuracy before using it for a schedule:
+    values). ``compile=True`` runs the field through ``torch.compile`` (the first call, and the
+    first of another batch size, compiles: seconds to minutes; the module's weights and
+    ``state_dict`` are the field's own). Measure what it costs in accuracy before using it for a
+    schedule:
     ``benchmarks/bench_cost_precision.py`` prints the cost matrix's relative error and whether the
     Bellman schedules change; the CLI's ``--precision``/``--channels-last`` build this wrapper.
 
@@ -545,6 +548,7 @@ class Precision(nn.Module):
         autocast: the autocast dtype (``torch.bfloat16``, ``torch.float16``), or ``None``.
         channels_last: run image models (4-D inputs) in channels-last layout.
         tf32: allow TF32 for float32 matmuls and convolutions on CUDA.
+        compile: call the field through ``torch.compile(field)``.
     """
 
     def __init__(
@@ -553,6 +557,7 @@ class Precision(nn.Module):
         autocast: torch.dtype | None = torch.bfloat16,
         channels_last: bool = False,
         tf32: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if autocast not in (None, torch.float16, torch.bfloat16):
@@ -563,12 +568,16 @@ class Precision(nn.Module):
         self.autocast = autocast
         self.channels_last = channels_last
         self.tf32 = tf32
+        self.compile = compile
         if channels_last:
             field.to(memory_format=torch.channels_last)
+        # kept outside the module's children: the state dict stays the field's (no _orig_mod.)
+        self.__dict__["_compiled"] = torch.compile(field) if compile else None
 
     def extra_repr(self) -> str:
         text = f"autocast={self.autocast}, channels_last={self.channels_last}"
-        return text + (", tf32=True" if self.tf32 else "")  # (fingerprints of older caches hold)
+        text += ", tf32=True" if self.tf32 else ""  # (fingerprints of older caches hold)
+        return text + (", compile=True" if self.compile else "")
 
     def fingerprint_config(self) -> str:
         """Another precision is another field: caches made in bf16 are not resumed in fp16."""
@@ -578,12 +587,13 @@ class Precision(nn.Module):
         x_in = x
         if self.channels_last and x.ndim == 4:
             x_in = x.contiguous(memory_format=torch.channels_last)
+        run = self.field if self.__dict__["_compiled"] is None else self.__dict__["_compiled"]
         with _tf32(self.tf32):
             if self.autocast is None:
-                v = self.field(x_in, t, **cond)
+                v = run(x_in, t, **cond)
             else:
                 with torch.autocast(x.device.type, dtype=self.autocast):
-                    v = self.field(x_in, t, **cond)
+                    v = run(x_in, t, **cond)
         return v.to(x.dtype).contiguous()
 
 
