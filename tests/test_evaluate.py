@@ -1,6 +1,8 @@
 """Evaluation: open method labels, the solver as a parameter, and what `bossflow evaluate` compares."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +166,47 @@ def test_evaluate_warns_when_the_base_is_not_the_straightened_models_teacher(tmp
     assert "straightened from another model than 'digits:" in capsys.readouterr().err
     warnings = json.loads((tmp_path / "x" / "results.json").read_text())["warnings"]
     assert any("not its teacher's" in w for w in warnings)
+
+
+@pytest.mark.slow
+def test_uncentred_data_is_scored_and_drawn_in_zero_one(tmp_path):
+    """Church/Bedroom-style models sample in [0, 1]: PSNR was 6 dB high (range 2 assumed) and
+    their grids washed out; evaluate now uses the model's range, as sample does."""
+    fixtures = Path(__file__).parent / "fixtures" / "rectified_flow"
+    config = json.loads((fixtures / "tiny_cifar_like.json").read_text())["config"]
+    config["data"]["centered"] = False
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    model = ("--model", f"rectified-flow:{tmp_path / 'tiny.json'}", "--device", "cpu")
+    weights = ("--checkpoint", fixtures / "tiny_cifar_like_checkpoint.pth")
+    args = ("evaluate", *model, *weights, "--nfe", 2, "--samples", 2, "--reference-steps", 4)
+    assert main([str(a) for a in (*args, "--quiet", "--out", tmp_path / "ev")]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    (record,) = results["records"]
+    assert results["data_range"] == 1.0
+    assert record["psnr"] == pytest.approx(10 * math.log10(1.0 / record["mse_to_reference"]))
+
+
+def test_a_diverged_method_is_a_row_not_the_end_of_the_evaluation():
+    from bossflow.metrics import evaluate_samples
+
+    data = torch.randn(32, 4)
+    good = torch.randn(8, 4)
+    bad = good.clone()
+    bad[0, 0] = float("inf")
+    ok = evaluate_samples(good, good, data, None, "uniform", 2, 0.1)
+    diverged = evaluate_samples(bad, good, data, None, "uniform", 2, 0.1)
+    assert ok.frechet is not None and ok.frechet > 0
+    assert math.isnan(diverged.frechet) and diverged.mse_to_reference == float("inf")
+
+
+@pytest.mark.parametrize("where", ["cli", "demo"])
+def test_one_evaluation_sample_is_refused_before_the_work(tmp_path, capsys, where):
+    """The Fréchet distance needs two samples: refused up front, not after the reference solve."""
+    from bossflow.pipeline import DemoConfig
+
+    if where == "demo":
+        with pytest.raises(ConfigError, match="eval_samples 1: the Fréchet distance needs"):
+            DemoConfig(eval_samples=1)
+        return
+    assert main(["evaluate", "--nfe", "2", "--samples", "1", "--out", str(tmp_path / "e")]) == 2
+    assert "--samples 1: the Fréchet distance on digits needs at least 2" in capsys.readouterr().err

@@ -737,6 +737,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     for line in warnings if distributed.is_rank_zero() else ():  # said once, not per process
         print(f"bossflow evaluate: warning: {line}", file=sys.stderr)
+    frechet = model.dataset == "digits" and _is_image(shape)
+    if frechet and args.samples < 2:  # refused before the reference solve, not after it
+        raise ConfigError(
+            f"--samples {args.samples}: the Fréchet distance on {model.dataset} needs at least 2"
+        )
     source = NoiseSource(model.sample_shape, seed=args.seed, device=_device(args.device))
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(args.samples))
     # The reference is the *base* model's fine solve: a straightened model is measured against
@@ -747,7 +752,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         base_run.field, noise, args.reference_steps, not args.quiet, cond=cond
     )
     data = features = None
-    if model.dataset == "digits" and _is_image(shape):
+    if frechet:
         from .data import load_dataset
         from .pretrained import load_digits_classifier
 
@@ -755,7 +760,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         features = load_digits_classifier(device=noise.device).features
     solvers = ", ".join(sorted({e.solver for e in entries}))
     log(f"[2/3] sampling {len(entries)} schedule(s) with {solvers}")
-    records, samples = evaluate_methods(entries, noise, reference, data, features, log, cond)
+    data_range = 2.0 if model.centered else 1.0  # data in [-1, 1], else [0, 1]
+    records, samples = evaluate_methods(
+        entries, noise, reference, data, features, log, cond, data_range=data_range
+    )
     if not _is_image(shape):  # PSNR is an image measure
         from dataclasses import replace
 
@@ -782,8 +790,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "warnings": warnings,
             **_precision_meta(args),
             **({"frechet_backend": frechet_backend()} if features is not None else {}),
+            "data_range": data_range,
         },
         title=f"bossflow evaluate: {model.model_id}",
+        value_range=(-1.0, 1.0) if model.centered else (0.0, 1.0),
     )
     print(markdown_table(records))
     print(f"report: {report}")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from . import distributed as dist
@@ -64,6 +65,13 @@ class EvalEntry:
         return nfe_for(self.solver, self.schedule.steps)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing to wait for on a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def evaluate_methods(
     entries: Sequence[EvalEntry],
     noise: Tensor,
@@ -72,6 +80,7 @@ def evaluate_methods(
     features: Callable[[Tensor], Tensor] | None,
     log: Callable[[str], None] | None = None,
     cond: dict[str, Tensor] | None = None,
+    data_range: float = 2.0,
 ) -> tuple[list[EvalRecord], dict[tuple[str, int], Tensor]]:
     """Sample every entry from ``noise`` and score it against ``reference``.
 
@@ -84,6 +93,7 @@ def evaluate_methods(
         log: called with one line per method after it is scored (e.g. ``print``).
         cond: conditioning of the B noises for conditional fields (first dimension B or 1);
             every method gets the same.
+        data_range: the data's value range, for PSNR (2 for data in [-1, 1], 1 for [0, 1]).
 
     Returns:
         ``(records, samples)``: one :class:`~bossflow.metrics.EvalRecord` per entry, and the
@@ -101,6 +111,7 @@ def evaluate_methods(
     take_cond = cond_reader(cond, noise.shape[0], "evaluation")
     for entry in entries:
         counter = NFECounter(entry.field)
+        synchronize(noise.device)  # on a GPU the clock must see the work done, not queued
         start = time.perf_counter()
         if dist.is_distributed():  # each process samples its block of noises; all get all
 
@@ -112,6 +123,7 @@ def evaluate_methods(
             counter.nfe = max(dist.all_gather_object(counter.nfe))  # 0 where a rank had no rows
         else:
             x = sample(counter, noise, entry.schedule, solver=entry.solver, cond=cond)
+        synchronize(noise.device)
         wall = time.perf_counter() - start
         if counter.nfe != entry.nfe:  # a field that calls itself, or a solver that lies
             raise BossflowError(
@@ -119,8 +131,9 @@ def evaluate_methods(
                 f"{entry.solver} on {entry.schedule.steps} steps"
             )
         record = evaluate_samples(
-            x, reference, data, features, entry.label, counter.nfe, wall, entry.iterations
-        )
+            x, reference, data, features, entry.label, counter.nfe, wall, entry.iterations,
+            data_range=data_range,
+        )  # fmt: skip
         records.append(record)
         outs[(entry.label, entry.nfe)] = x
         if log is not None:

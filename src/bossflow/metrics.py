@@ -536,7 +536,10 @@ def evaluate_samples(
     """
     _check_method(method)
     mse, stderr = mse_to_reference(samples, reference)
-    frechet = None if data is None else frechet_distance(samples, data, features)
+    frechet = None
+    if data is not None:  # a diverged method is a row (NaN), not the end of the evaluation
+        finite = bool(torch.isfinite(samples).all())
+        frechet = frechet_distance(samples, data, features) if finite else math.nan
     return EvalRecord(
         method=method,
         nfe=nfe,

@@ -20,7 +20,7 @@ import torch
 
 from .bellman import bellman_schedules, cost_matrix
 from .errors import ConfigError
-from .evaluation import EvalEntry, evaluate_methods
+from .evaluation import EvalEntry, evaluate_methods, synchronize
 from .io import atomic_write_text, ensure_dir
 from .learn import steps_for
 from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
@@ -112,6 +112,10 @@ class DemoConfig:
         if unknown:  # checked now, not at stage 3 after the straightening
             raise ConfigError(
                 f"unknown learn_solvers entry {unknown[0]!r}; choose from {', '.join(SOLVERS)}"
+            )
+        if self.eval_samples < 2:
+            raise ConfigError(
+                f"eval_samples {self.eval_samples}: the Fréchet distance needs at least 2 samples"
             )
         if self.model not in ("digits", "digits-cond"):
             raise ConfigError(
@@ -365,9 +369,11 @@ def _run_demo_locked(
     start = time.perf_counter()
     noise = OffsetNoise(source, STAGE_OFFSETS["eval"])(range(cfg.eval_samples))
     _log(progress, f"  reference solve: {cfg.reference_steps} Euler steps per noise")
-    ref_start = time.perf_counter()
     eval_cond = conditioning.rows(cfg.eval_samples)
+    synchronize(noise.device)
+    ref_start = time.perf_counter()
     reference = reference_solve(model.field, noise, steps=cfg.reference_steps, cond=eval_cond)
+    synchronize(noise.device)  # the GPU's work done, not only queued
     ref_wall = time.perf_counter() - ref_start
     data = load_dataset(model.dataset or "digits", "heldout")
     classifier = load_digits_classifier(device=device)

@@ -599,6 +599,7 @@ def write_report(
     scale: int = 8,
     more_samples: Mapping[str, tuple[str, Mapping[str, Tensor]]] | None = None,
     notes: Sequence[str] = (),
+    value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> Path:
     """Write a complete report into ``out_dir`` and return the path of ``report.md``.
 
@@ -628,6 +629,7 @@ def write_report(
         scale: upscaling factor of the sample grids.
         more_samples: more sample figures: file name -> (caption, rows like ``samples``).
         notes: lines shown under the results (e.g. what was skipped and why).
+        value_range: the image values drawn black and white ((0, 1) for uncentred data).
 
     Returns:
         Path of ``report.md``.
@@ -666,7 +668,7 @@ def write_report(
     for name, caption, rows in figures:
         kind = _sample_kind(rows)
         if kind == "images":
-            save_comparison_grid(rows, out / name, scale=scale)
+            save_comparison_grid(rows, out / name, scale=scale, value_range=value_range)
         elif kind == "points":
             caption = caption.replace(
                 "one row per method, same noise in each column", "one colour per method"
