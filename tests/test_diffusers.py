@@ -298,3 +298,28 @@ def test_docs_snippet_runs(index):
     code = DOC_SNIPPETS[index]
     assert "..." not in code.replace("# ...", "")  # nothing left for the reader to fill in
     exec(compile(code, f"{DOC.name} snippet {index}", "exec"), {"__name__": "__doc_snippet__"})
+
+
+def test_qwen_image_takes_sigma_as_its_pipelines_feed_it():
+    """Qwen-Image multiplies its timestep by 1000 inside (its pipelines pass timestep / 1000): it
+    was fed 1000 sigma, a field 1000x off in time, with no error."""
+    torch.manual_seed(0)
+    qwen = diffusers.QwenImageTransformer2DModel(
+        patch_size=1, in_channels=8, out_channels=8, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=8, axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+    field = DiffusersField(qwen, {"img_shapes": [[(1, 2, 2)]] * 2})
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 8)}
+    cond["encoder_hidden_states_mask"] = torch.ones(2, 3, dtype=torch.long)
+    t = torch.tensor([0.25, 0.9])
+    timestep, positional = _seen_timestep(field, torch.randn(2, 4, 8), t, **cond)
+    torch.testing.assert_close(timestep, torch.tensor([0.75, 0.1]))
+    assert not positional
+
+
+def test_sigmas_are_refused_for_a_scheduler_that_would_not_take_euler_steps():
+    stochastic = diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with pytest.raises(ConfigError, match="stochastic_sampling=True"):
+        BELLMAN.to_diffusers_sigmas(scheduler=stochastic)
+    with pytest.raises(ConfigError, match="EulerDiscreteScheduler is not a flow-matching"):
+        BELLMAN.to_diffusers_sigmas(scheduler=diffusers.EulerDiscreteScheduler())

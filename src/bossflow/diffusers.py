@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .errors import ConfigError, require
 from .sampler import Sampler
-from .schedule import Schedule
+from .schedule import Schedule, is_flow_match
 from .solvers import SOLVERS
 
 __all__ = ["scheduler_for"]  # and BossflowScheduler, made on first access (module __getattr__)
@@ -105,10 +105,6 @@ def _as_sampler(schedule: Any) -> Sampler:
     )
 
 
-def _is_flow_match(scheduler: Any) -> bool:
-    return any(cls.__name__.startswith("FlowMatch") for cls in type(scheduler).__mro__)
-
-
 def scheduler_for(schedule: Schedule | Sampler | Sequence[float], base_scheduler: Any):
     """A diffusers scheduler that makes a pipeline take exactly bossflow's steps.
 
@@ -138,7 +134,7 @@ def scheduler_for(schedule: Schedule | Sampler | Sequence[float], base_scheduler
     sampler = _as_sampler(schedule)
     cls = _scheduler_class()
     config = getattr(base_scheduler, "config", None)
-    if config is None or not _is_flow_match(base_scheduler):
+    if config is None or not is_flow_match(base_scheduler):
         raise ConfigError(
             "scheduler_for needs the pipeline's flow-matching scheduler (pipe.scheduler, a "
             f"FlowMatch...Scheduler: the model predicts noise - data), got "

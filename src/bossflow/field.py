@@ -180,17 +180,23 @@ class RectifiedFlowField(nn.Module):
         return (1.0 - self.eps) * _unwrap_output(self.network(x, self.time_scale * s, **cond))
 
 
-#: diffusers models whose ``forward`` multiplies the timestep by 1000 itself (the FLUX family):
-#: their pipelines pass ``timestep / 1000`` (and a distilled ``guidance``, also scaled inside).
+#: diffusers models whose ``forward`` multiplies the timestep by 1000 itself (the FLUX family,
+#: Qwen-Image): their pipelines pass ``timestep / 1000`` (and FLUX's distilled ``guidance``, also
+#: scaled inside).
 SIGMA_TIMESTEP_MODELS = frozenset(
     {
         "FluxTransformer2DModel",
         "FluxControlNetModel",
+        "FluxMultiControlNetModel",
         "Flux2Transformer2DModel",
         "Flux3Transformer2DModel",
         "ChromaTransformer2DModel",
         "LongCatImageTransformer2DModel",
         "OvisImageTransformer2DModel",
+        "QwenImageTransformer2DModel",  # Qwen-Image: Timesteps(scale=1000) inside
+        "QwenImage21Transformer2DModel",
+        "QwenImageControlNetModel",
+        "QwenImageMultiControlNetModel",
     }
 )
 _DETECT = "auto"

@@ -95,6 +95,11 @@ def _validated_times(times: Any) -> np.ndarray:
     return arr
 
 
+def is_flow_match(scheduler: Any) -> bool:
+    """Whether a diffusers scheduler is a flow-matching one (sigma = 1 - t, noise - data output)."""
+    return any(cls.__name__.startswith("FlowMatch") for cls in type(scheduler).__mro__)
+
+
 def check_sigmas_kept(scheduler: Any, steps: int) -> None:
     """Refuse a diffusers scheduler that would not take ``sigmas`` as given (re-shift, replace).
 
@@ -110,6 +115,11 @@ def check_sigmas_kept(scheduler: Any, steps: int) -> None:
             f"{name} from bossflow.diffusers.scheduler_for already takes bossflow's steps and "
             f"ignores sigmas; call the pipeline with num_inference_steps={steps} and no sigmas="
         )
+    if not is_flow_match(scheduler):
+        raise ConfigError(
+            f"{name} is not a flow-matching scheduler: it would read these sigmas (1 - t) as its "
+            "own kind of noise levels; use them with a FlowMatch...Scheduler (shift 1)"
+        )
     shift = getattr(scheduler, "shift", None)
     shift = get("shift", 1.0) if not isinstance(shift, (int, float)) else shift
     reasons = []
@@ -121,7 +131,8 @@ def check_sigmas_kept(scheduler: Any, steps: int) -> None:
         reasons.append(f"flow_shift={get('flow_shift'):g}")
     if get("shift_terminal", None):
         reasons.append(f"shift_terminal={get('shift_terminal'):g}")
-    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+    keys = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+    for key in (*keys, "stochastic_sampling"):  # the last: steps re-noised, not Euler
         if get(key, False):
             reasons.append(f"{key}=True")
     if reasons:

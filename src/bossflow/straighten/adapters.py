@@ -11,7 +11,7 @@ plain module (:attr:`StraightenResult.module`) and as a :class:`LoraAdapter`
   (``PeftAdapterMixin``: SD3 / FLUX transformers, ``UNet2DConditionModel``): keys
   ``<component>.<layer>.lora_A.weight`` with the peft config in the file's
   ``lora_adapter_metadata``, as a pipeline's ``save_lora_weights`` writes them, so
-  ``model.load_lora_adapter(folder)`` (``prefix="unet"`` for a UNet) and
+  ``model.load_lora_adapter(folder, use_safetensors=True)`` (``prefix="unet"`` for a UNet) and
   ``pipe.load_lora_weights(folder)`` read it.
 
 Layer names are those of the *raw network*: bossflow's adapters (:mod:`bossflow.field`) keep the
@@ -206,7 +206,7 @@ class LoraAdapter:
         Files (each written atomically): ``adapter_config.json`` and ``adapter_model.safetensors``
         (``peft.PeftModel.from_pretrained(network, folder)``), and, when :attr:`component` is set,
         ``pytorch_lora_weights.safetensors`` (``network.load_lora_adapter(folder,
-        prefix=component)``, ``pipe.load_lora_weights(folder)``).
+        prefix=component, use_safetensors=True)``, ``pipe.load_lora_weights(folder)``).
 
         Returns:
             The folder.
