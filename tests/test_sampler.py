@@ -64,6 +64,16 @@ def test_bad_sampler_files_give_one_clear_error(tmp_path, edit, match):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("times", [[0, "a", 1], [0, {}, 1], [0, 0.5]])
+def test_a_list_of_times_that_is_not_one_is_a_schedule_error_naming_the_file(tmp_path, times):
+    """[0, "a", 1] raised numpy's ValueError and [0, {}, 1] a TypeError: CLI tracebacks."""
+    path = tmp_path / "times.json"
+    path.write_text(json.dumps(times))
+    for load in (load_schedule, Schedule.load):
+        with pytest.raises(ScheduleError, match="times.json: "):
+            load(path)
+
+
 def test_newer_schedule_format_and_sampler_as_schedule_are_refused(tmp_path):
     data = uniform(3).to_dict() | {"format": "bossflow.schedule/7"}
     (tmp_path / "s.json").write_text(json.dumps(data))

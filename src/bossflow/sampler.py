@@ -25,7 +25,13 @@ import numpy as np
 
 from .errors import ConfigError, ScheduleError
 from .schedule import _FORMAT as _SCHEDULE_FORMAT
-from .schedule import Schedule, _format_version, _validated_times, read_schedule_json
+from .schedule import (
+    Schedule,
+    _format_version,
+    _validated_times,
+    read_schedule_json,
+    times_from_list,
+)
 from .solvers import SOLVERS, nfe_for
 
 __all__ = ["Sampler", "load_schedule", "SAMPLER_FORMAT"]
@@ -231,7 +237,7 @@ def load_schedule(path: str | os.PathLike) -> Schedule | Sampler:
     path = Path(path)
     data = read_schedule_json(path)
     if isinstance(data, list):
-        return Schedule(np.asarray(data, dtype=np.float64))
+        return times_from_list(data, path)
     if not isinstance(data, Mapping):
         raise ScheduleError(f"{path} is not a bossflow schedule (a JSON object or list of times)")
     # no format but a solver or scales: a sampler written by hand (as a schedule, they were lost)

@@ -298,8 +298,16 @@ class Schedule:
         """Read a schedule written by :meth:`save` (or a JSON list of times)."""
         data = read_schedule_json(path)
         if isinstance(data, list):
-            return cls(np.asarray(data, dtype=np.float64))
+            return times_from_list(data, path)
         return cls.from_dict(data)
+
+
+def times_from_list(data: list, path: str | os.PathLike) -> Schedule:
+    """The schedule of a JSON list of times read from ``path`` (errors name the file)."""
+    try:
+        return Schedule(data)
+    except ScheduleError as err:
+        raise ScheduleError(f"{path}: {err}") from None
 
 
 def uniform(steps: int) -> Schedule:
@@ -316,7 +324,8 @@ def edm(
     Noise levels ``sigma_k = (sigma_max^(1/rho) + k/K (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
     for ``k = 0..K`` become flow times by the signal-to-noise match ``t = 1 / (1 + sigma)`` (for
     ``x_t = t x + (1 - t) z``, ``x_t / t`` has noise level ``(1 - t) / t``); the end points are then
-    pinned to 0 (pure noise) and 1 (data). Steps are small near the data and large near the noise.
+    pinned to 0 (pure noise) and 1 (data). Steps are small at both ends (the pinned first one
+    included) and largest at mid-to-late times.
     """
     _check_steps(steps)
     if not (rho > 0 and 0 < sigma_min < sigma_max < math.inf):
