@@ -280,3 +280,80 @@ def test_evaluate_refuses_colliding_labels_before_the_reference_solve(
     args = ("--model", "spiral", "--nfe", 2, "--spacing", "uniform,edm", "--method", "mine")
     assert run("evaluate", *args, "--out", tmp_path / "ev") == 2
     assert "both be reported as mine at 2 NFE" in capsys.readouterr().err and calls == []
+
+
+# -- options that would be ignored, or fail only after the work --------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (  # learned-sampler options under the default --method bellman were ignored
+            ["schedule", "--teacher-steps", "50", "--no-scales"],
+            "--no-scales, --teacher-steps only matter with --method learned",
+        ),
+        (  # --spacing beside --schedule, without --nfe, was ignored
+            ["sample", "--schedule", "{schedule}", "--spacing", "edm"],
+            "--spacing only matters with --nfe",
+        ),
+        (
+            ["evaluate", "--schedule", "{schedule}", "--spacing", "edm"],
+            "--spacing only matters with --nfe",
+        ),
+        (  # --weights is a rectified-flow checkpoint's choice; digits ignored it
+            ["sample", "--nfe", "2", "--weights", "model"],
+            "--weights picks the EMA or raw weights of a rectified-flow checkpoint",
+        ),
+        (  # full fine-tuning ignored the targets
+            ["straighten", "--schedule", "{schedule}", "--lora-targets", "conv_in"],
+            "--lora-targets only matters with --lora-rank",
+        ),
+        (  # an unguided model ignored the mode
+            ["straighten", "--schedule", "{schedule}", "--guidance-mode", "distill"],
+            "--guidance-mode only matters with a guided model",
+        ),
+        (  # was refused by straighten() after every pair was made
+            [
+                "straighten",
+                "--schedule",
+                "{schedule}",
+                "--lora-rank",
+                "2",
+                "--lora-targets",
+                "nope",
+            ],
+            "lora_targets ['nope'] match no nn.Linear or nn.Conv2d layer",
+        ),
+        (  # the tensor of --out x.pt was silently not written
+            ["sample", "--nfe", "2", "--save-tensor", "{tmp}/y.pt", "--out", "{tmp}/x.pt"],
+            "already saves the tensor; drop --save-tensor",
+        ),
+        (  # was found when writing, after sampling
+            ["sample", "--nfe", "2", "--save-tensor", "{tmp}"],
+            "is a folder; give a .pt file name",
+        ),
+        (["sample", "--nfe", "2", "--model", "digits-cond", "--guidance-scale", "inf"], "finite"),
+        (["train-base", "--check-samples", "1"], "expected an integer >= 2, got 1"),
+        (["demo", "--pair-samples", "1"], "pair_samples 1: the demo holds out 1"),
+    ],
+)
+def test_options_that_would_do_nothing_or_fail_late_are_refused_first(
+    tmp_path, capsys, argv, message
+):
+    from bossflow.schedule import uniform
+
+    uniform(2).save(tmp_path / "s.json")
+    argv = [a.format(schedule=tmp_path / "s.json", tmp=tmp_path) for a in argv]
+    out = (
+        []
+        if "--out" in argv
+        else ["--out", str(tmp_path / "o" / ("x.png" if argv[0] == "sample" else ""))]
+    )
+    start = time.perf_counter()
+    try:
+        code = main([*argv, *out, "--quiet"] if argv[0] != "sample" else [*argv, *out])
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert time.perf_counter() - start < 5  # before any long phase
+    assert not (tmp_path / "o").exists()

@@ -105,6 +105,39 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text}")
+    return value
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """The options given on the command line (``main`` records them), by their dest names."""
+    return getattr(args, "given", set())
+
+
+def _refuse_unless(args: argparse.Namespace, names: Sequence[str], needs: str) -> None:
+    """Options that only ``needs`` makes meaningful, given without it: one line, not ignored."""
+    unused = [n for n in names if n in _given(args)]
+    if unused:
+        options = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise ConfigError(f"{options} only matter{'s' if len(unused) == 1 else ''} with {needs}")
+
+
 def _num(value: float | None) -> str:
     """A number for a message or a printed line: 4 significant digits, never ``np.float64(...)``."""
     if value is None:
@@ -323,7 +356,7 @@ def add_model_options(
     )
     c.add_argument(
         "--guidance-scale",
-        type=float,
+        type=_finite_float,
         metavar="W",
         help="classifier-free guidance v_u + W (v_c - v_u), one model call of 2B rows "
         "(default: none; digits-cond: the scale recorded with its weights)",
@@ -336,7 +369,7 @@ def add_model_options(
     )
     c.add_argument(
         "--timestep-scale",
-        type=float,
+        type=_positive_float,
         metavar="S",
         help="--convention diffusers: timestep = S * sigma (SD3 and UNets 1000, FLUX 1; default: "
         "detected); --convention rectified-flow: the time input scale (default 999)",
@@ -348,6 +381,11 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
     from .spec import load_model
 
     device = _device(args.device)
+    if "weights" in _given(args) and not str(args.model).strip().startswith("rectified-flow:"):
+        raise ConfigError(
+            f"--weights picks the EMA or raw weights of a rectified-flow checkpoint; "
+            f"{args.model!r} has one set: drop it"
+        )
     if getattr(args, "precision", None) == "tf32" and not device.startswith("cuda"):
         raise ConfigError(  # before the model is loaded
             f"--precision tf32 is a CUDA matmul mode and changes nothing on {device}; use fp32, "
@@ -469,6 +507,8 @@ def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
     def as_list(value) -> list:  # sample takes one value, evaluate lists
         return [] if value is None else list(value) if isinstance(value, list) else [value]
 
+    if args.nfe is None:
+        _refuse_unless(args, ["spacing"], "--nfe (the steps of the built-in grid)")
     out: dict[str, object] = {}
     for path in as_list(args.schedule):
         s = load_schedule(path)
@@ -485,7 +525,14 @@ def _schedules_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 # -- schedule ----------------------------------------------------------------------------------
+_LEARN_OPTIONS = (
+    "solvers", "no_scales", "teacher_steps", "learn_iterations", "learn_lr", "learn_holdout",
+)  # fmt: skip
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
+    if args.method != "learned":
+        _refuse_unless(args, _LEARN_OPTIONS, "--method learned")
     if max(args.nfe) > args.kmax:
         raise BossflowError(
             f"--nfe {max(args.nfe)} is more than --kmax {args.kmax} fine steps; raise --kmax"
@@ -618,10 +665,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.schedule is not None and args.nfe is not None:
         raise BossflowError("sample takes one schedule: give --schedule FILE or --nfe K, not both")
+    if args.save_tensor is not None:  # checked before sampling, not when writing after it
+        if Path(args.out).suffix == ".pt":
+            raise ConfigError(
+                f"--out {args.out} already saves the tensor; drop --save-tensor (or give --out a "
+                ".png name)"
+            )
+        if Path(args.save_tensor).is_dir():
+            raise ConfigError(f"--save-tensor {args.save_tensor} is a folder; give a .pt file name")
     device = _device(args.device)
     schedules = _schedules_from_args(args)
     ((name, schedule),) = schedules.items()
-    with _output_file(args.out) as out:
+    with _output_file(args.out) as out, contextlib.ExitStack() as stack:
+        if args.save_tensor is not None:
+            stack.enter_context(_output_file(args.save_tensor))
         model = _load(args)
         _require_plotting(tuple(model.sample_shape), report=False)
         run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
@@ -934,6 +991,8 @@ def _straighten_config(args: argparse.Namespace):
         )
     if args.lora_rank > 0:
         require("peft", "lora", f"--lora-rank {args.lora_rank} (LoRA straightening)")
+    elif args.lora_targets is not None:
+        raise ConfigError("--lora-targets only matters with --lora-rank r > 0 (LoRA straightening)")
     config = StraightenConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -993,6 +1052,12 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
     teacher = _conditioning(args, model, recorded, student=True)
     run = _conditioning(args, model, recorded, student=True, precise=False)
     _log_conditioning(run)
+    if run.guidance_scale is None:
+        _refuse_unless(args, ["guidance_mode"], "a guided model (--guidance-scale)")
+    if config.lora_rank > 0:  # unknown --lora-targets: said now, not after the pairs
+        from .straighten.adapters import lora_target_names
+
+        lora_target_names(model.field, config.lora_targets)
     source = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     pairs = make_pairs(
         teacher.field,
@@ -1418,7 +1483,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guidance-scale",
-        type=float,
+        type=_finite_float,
         metavar="W",
         help="digits-cond's guidance scale (default: the scale recorded with its weights)",
     )
@@ -1439,7 +1504,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--check-samples",
-        type=_positive,
+        type=_at_least_two,
         default=500,
         help="samples drawn to check the trained flow",
     )
@@ -1469,6 +1534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bossflow`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given = _given_options(sys.argv[1:] if argv is None else list(argv))
     from . import distributed
 
     try:
@@ -1508,6 +1574,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         distributed.shutdown()
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The dest names of the options ``argv`` gives: parsed again with no defaults at all."""
+    parser = build_parser()
+
+    def no_defaults(p: argparse.ArgumentParser) -> None:
+        p._defaults.clear()  # set_defaults(func=...)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    no_defaults(sub)
+            elif action.option_strings:
+                action.default = argparse.SUPPRESS
+
+    no_defaults(parser)
+    parsed, _ = parser.parse_known_args(argv)
+    return set(vars(parsed)) - {"command"}
 
 
 if __name__ == "__main__":  # pragma: no cover

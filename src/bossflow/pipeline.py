@@ -30,6 +30,10 @@ from .solvers import reference_solve
 __all__ = ["DemoConfig", "run_demo", "OffsetNoise", "STAGE_OFFSETS", "evaluate_methods"]
 
 
+#: the share of the demo's pair noises held out for the straightening runs' held-out error
+PAIR_HOLDOUT = 0.1
+
+
 @dataclass
 class DemoConfig:
     """Sizes of the demo. The defaults are the full demo (about 5 minutes on 2 CPU cores).
@@ -112,6 +116,12 @@ class DemoConfig:
         if unknown:  # checked now, not at stage 3 after the straightening
             raise ConfigError(
                 f"unknown learn_solvers entry {unknown[0]!r}; choose from {', '.join(SOLVERS)}"
+            )
+        held = max(1, round(PAIR_HOLDOUT * self.pair_samples))
+        if held >= self.pair_samples:
+            raise ConfigError(
+                f"pair_samples {self.pair_samples}: the demo holds out {held} for the held-out "
+                "error and needs noises left to fine-tune on; give at least 2"
             )
         if self.eval_samples < 2:
             raise ConfigError(
@@ -208,7 +218,7 @@ def _straighten_stage(model, cfg, out, source, schedules, progress, cond):
         seed=cfg.seed,
         eval_every=max(1, cfg.iterations // 10),
         checkpoint_every=max(1, cfg.iterations // 4),
-        holdout=0.1,
+        holdout=PAIR_HOLDOUT,
         # Every run keeps its last weights: "the same iterations" for BOSS and reflow alike. The
         # held-out one-step error is still recorded in the history (results.json) for each run.
         select="last",
