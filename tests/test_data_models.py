@@ -170,6 +170,16 @@ def _rewrite_weights(stem: Path, state: dict[str, torch.Tensor] | None, raw: byt
     stem.with_suffix(".json").write_text(json.dumps(meta))
 
 
+def test_weights_without_a_recorded_hash_are_refused(tmp_path: Path) -> None:
+    """A JSON without sha256 loaded any .safetensors beside it, unchecked."""
+    _, stem = _saved(tmp_path)
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    del meta["sha256"]
+    stem.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="records no sha256 of tiny.safetensors"):
+        load_pretrained(stem)
+
+
 def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
     model, stem = _saved(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.safetensors"]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -155,8 +156,12 @@ def test_leftover_temporary_files_are_removed_on_taking_the_lock(tmp_path):
         tmp_path / ".model.safetensors.abcdefgh.tmp.bak",
         other_run / ".cost_matrix.npz.abcdefgh.tmp",
     ]
-    for path in stale + kept:
+    fresh = tmp_path / ".samples.pt.abcdefgh.tmp"  # a live write of a command without the lock
+    for path in stale + kept + [fresh]:
         path.write_bytes(b"x")
+    for path in stale + kept:
+        os.utime(path, (time.time() - 7200,) * 2)  # untouched for two hours
+    kept.append(fresh)
     with output_lock(tmp_path):
         assert [p for p in stale if p.exists()] == []
         assert [p for p in kept if not p.exists()] == []
@@ -176,3 +181,65 @@ def test_run_demo_takes_the_lock_before_any_work(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_refused_the_lock_leaves_the_holders_lock_in_place(tmp_path):
+    """Both runs saw the folder missing; the refused one removed the holder's lock file and the
+    folder, so a third run could lock a new file while the first was still running."""
+    from bossflow.cli import _output_dir
+
+    new = tmp_path / "new"
+    holder = None
+    try:
+        refused = pytest.raises(BossflowError, match="in use by another run")
+        with refused, _output_dir(new) as out:  # this run "created" the folder
+            holder = _hold(out)  # ... and another took the lock first
+            with output_lock(out):
+                pass
+        assert (new / LOCK_FILE).exists()
+        with pytest.raises(BossflowError, match=f"PID {holder.pid}"), output_lock(new):
+            pass  # still the holder's lock
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_failed_run_removes_its_own_lock_and_empty_folder(tmp_path):
+    from bossflow.cli import _output_dir
+
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError), _output_dir(new) as out, output_lock(out):
+        raise RuntimeError("bad model")
+    assert not new.exists()
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "state.json"
+    atomic_write_text(target, "{}")
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # the file, then its folder
+    assert synced[0].startswith(str(tmp_path / ".state.json."))
+
+
+def test_a_checkpoint_that_cannot_be_opened_is_not_called_damaged(tmp_path, monkeypatch):
+    import bossflow.checkpoint as checkpoint
+    from bossflow.errors import CheckpointError
+    from bossflow.training import load_state, save_state
+
+    path = tmp_path / "checkpoint.pt"
+    save_state(path, {"format": "test/1"})
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "load_torch_weights", denied)
+    with pytest.raises(CheckpointError, match="Permission denied; the file is not necessarily"):
+        load_state(path, "test/1")

@@ -252,13 +252,11 @@ def _output_dir(path: str | Path) -> Iterator[Path]:
         yield out
     except BaseException:
         from .distributed import is_rank_zero
-        from .io import LOCK_FILE
 
-        for folder in created if is_rank_zero() else ():  # rank 0's folder and lock, not others'
+        for folder in created if is_rank_zero() else ():  # rank 0's folders, not the others'
             try:
-                # a lock file this run took (and has released by now) does not count as content
-                if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-                    (folder / LOCK_FILE).unlink()
+                # a lock file is removed only by its holder (io.output_lock, while it holds it):
+                # a run refused the lock must not remove the lock of the run that has it
                 folder.rmdir()  # only if empty; stop at the first one that is not
             except OSError:
                 break
@@ -1527,6 +1525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose --out is a folder they write into; main() holds an output_lock on it.
+_RESUMES = {"schedule", "straighten", "demo"}  # (evaluate, sample and train-base keep none)
 _WRITES_OUT_FOLDER = {"schedule", "straighten", "evaluate", "demo", "train-base"}
 
 
@@ -1567,10 +1566,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.report_failure(err)
         raise
     except KeyboardInterrupt:
-        print(
-            f"bossflow {args.command}: interrupted; rerun the same command to resume",
-            file=sys.stderr,
-        )
+        again = "resume" if args.command in _RESUMES else "start again"
+        print(f"bossflow {args.command}: interrupted; rerun the same command to {again}",
+              file=sys.stderr)  # fmt: skip
         return 130
     finally:
         distributed.shutdown()

@@ -466,7 +466,9 @@ class Guided(nn.Module):
     Args:
         field: a conditional velocity field ``field(x, t, **cond)``.
         scale: the guidance scale ``w``.
-        uncond: unconditional inputs by conditioning key, first dimension 1 or B.
+        uncond: unconditional inputs by conditioning key, one row each (shared by every
+            sample); per-sample ones go in the conditioning under ``"uncond." + name``, where
+            they are sliced with the noise.
     """
 
     PREFIX = "uncond."
@@ -478,6 +480,14 @@ class Guided(nn.Module):
         self.field = field
         self.scale = float(scale)
         self.uncond = dict(uncond or {})
+        for name, value in self.uncond.items():
+            if not isinstance(value, Tensor) or value.ndim == 0 or value.shape[0] != 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ConfigError(
+                    f"uncond[{name!r}] must be one row shared by every sample (first dimension "
+                    f"1), got {shape}; give per-sample unconditional inputs in the conditioning "
+                    f"as {self.PREFIX + name!r}, so row m goes with noise m"
+                )
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         t = time_batch(t, x)

@@ -80,7 +80,9 @@ def atomic_write(
         tmp_path = Path(tmp)
         write(tmp_path)
         os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; give the usual file mode
+        _fsync(tmp_path)  # the data on disk before the rename, so a crash leaves old or new
         os.replace(tmp_path, path)
+        _fsync(path.parent, directory=True)  # and the rename itself
     except BaseException as err:
         if tmp_path is not None:
             with contextlib.suppress(OSError):
@@ -89,6 +91,24 @@ def atomic_write(
             raise
         raise BossflowError(f"could not write {path}: {_write_failure(err)}") from err
     return path
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk; a file system that cannot fsync a
+    folder (some network ones) is left to its own guarantees."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_failure(err: Exception) -> str:
@@ -114,6 +134,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 LOCK_FILE = ".bossflow.lock"
 # The names atomic_write's mkstemp gives: "." + target name + "." + 8 random [a-z0-9_] + ".tmp".
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_STALE_S = 3600.0  # a temporary file untouched this long belongs to no live write
 _HELD: dict[str, list] = {}  # folder -> [fd, depth]: locks this process holds (re-entrant)
 _HELD_GUARD = threading.Lock()
 
@@ -122,9 +143,10 @@ def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 4) -> list[
     """Delete the temporary files killed :func:`atomic_write` calls left in ``folder``.
 
     Only names :func:`atomic_write` makes (``.NAME.XXXXXXXX.tmp``) are removed, in ``folder`` and
-    its sub-folders down to ``depth`` levels; symbolic links are not followed and a sub-folder
-    with its own lock file (another run's output folder) is left alone. Call it only while holding
-    :func:`output_lock` on ``folder``, so no live write of this folder is touched.
+    its sub-folders down to ``depth`` levels, and only once untouched for an hour (a command that
+    writes without the lock, such as ``sample`` into the same folder, may be writing one now);
+    symbolic links are not followed and a sub-folder with its own lock file (another run's output
+    folder) is left alone. Call it while holding :func:`output_lock` on ``folder``.
 
     Returns:
         The files removed.
@@ -142,7 +164,11 @@ def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 4) -> list[
                 if entry.is_dir(follow_symlinks=False):
                     if level < depth and not os.path.lexists(os.path.join(entry.path, LOCK_FILE)):
                         pending.append((Path(entry.path), level + 1))
-                elif entry.is_file(follow_symlinks=False) and _TEMPORARY.fullmatch(entry.name):
+                elif (
+                    entry.is_file(follow_symlinks=False)
+                    and _TEMPORARY.fullmatch(entry.name)
+                    and time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_S
+                ):  # older than any live write: a command without the lock may be writing one
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
             except OSError:
@@ -210,26 +236,33 @@ def output_lock(folder: str | os.PathLike, what: str = "bossflow") -> Iterator[P
                 held[1] -= 1
         return
     lock_path = path / LOCK_FILE
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise BossflowError(
-            f"cannot create the lock file {lock_path}: {err.strerror or err}; choose an output "
-            "folder you can write to"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise BossflowError(
-            f"{path} is in use by another run ({holder}); wait for it to finish, or choose "
-            "another --out"
-        ) from None
-    except OSError:  # e.g. a network file system without flock: run unlocked
-        os.close(fd)
-        yield path
-        return
+    for _attempt in range(5):
+        try:
+            path.mkdir(parents=True, exist_ok=True)  # (a failed run may have just removed it)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise BossflowError(
+                f"cannot create the lock file {lock_path}: {err.strerror or err}; choose an "
+                "output folder you can write to"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise BossflowError(
+                f"{path} is in use by another run ({holder}); wait for it to finish, or choose "
+                "another --out"
+            ) from None
+        except OSError:  # e.g. a network file system without flock: run unlocked
+            os.close(fd)
+            yield path
+            return
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # the holder removed that file as it ended: lock the one there now
+    else:
+        raise BossflowError(f"could not lock {lock_path}: it kept being replaced; run again")
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
@@ -245,4 +278,15 @@ def output_lock(folder: str | os.PathLike, what: str = "bossflow") -> Iterator[P
             del _HELD[key]
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
+            if os.listdir(path) == [LOCK_FILE]:  # nothing made: the folder can go (see _output_dir)
+                os.unlink(lock_path)  # while still held, so no other run holds this file
         os.close(fd)  # releases the flock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (not removed or replaced meanwhile)."""
+    try:
+        there, mine = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)

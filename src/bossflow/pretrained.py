@@ -266,7 +266,12 @@ def load_pretrained(
     except FileNotFoundError:
         raise CheckpointError(f"{label}: {weights} is missing") from None
     recorded = meta.get("sha256")
-    if recorded is not None and recorded != _sha256(blob):
+    if recorded is None:
+        raise CheckpointError(
+            f"{label}: {json_file} records no sha256 of {weights.name}, so its integrity cannot be "
+            "checked (save the model again with save_pretrained)"
+        )
+    if recorded != _sha256(blob):
         raise CheckpointError(
             f"{label}: {weights} is corrupt or was replaced: its SHA-256 does not match the one "
             f"recorded in {json_file} (save the model again with save_pretrained)"

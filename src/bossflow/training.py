@@ -195,6 +195,11 @@ def load_state(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
         state = load_torch_weights(path, map_location="cpu")
     except CheckpointError:
         raise
+    except OSError as err:  # cannot be opened (permissions, I/O): not necessarily damaged
+        raise CheckpointError(
+            f"cannot read {path}: {err.strerror or err}; the file is not necessarily damaged: fix "
+            "that and rerun"
+        ) from None
     except Exception as err:  # truncated, foreign or unreadable: torch raises many types
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); "

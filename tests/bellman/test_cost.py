@@ -292,6 +292,33 @@ def test_merge_refuses_another_model(noise):
     assert merged.identity == {"model_fingerprint": a.identity["model_fingerprint"]}
 
 
+class Labelled(torch.nn.Module):
+    """v = a x + label: a conditional field, for guidance."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(-0.5, dtype=torch.float64))
+
+    def forward(self, x, t, label):
+        return self.a * x + label.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+
+
+def test_merge_refuses_another_guidance(noise):
+    """The weights' fingerprint does not see Guided's scale: two scales were merged silently."""
+    from bossflow.field import Guided
+
+    net, null = Labelled(), {"label": torch.tensor([0])}
+    cond = {"label": torch.arange(24) % 3 + 1}
+    half = {"label": cond["label"][12:]}
+    a = cost_matrix(Guided(net, 1.5, null), noise[:12], grid=6, cond={"label": cond["label"][:12]})
+    with pytest.raises(bossflow.errors.CostMatrixError, match="differently guided"):
+        a.merge(cost_matrix(Guided(net, 4.0, null), noise[12:], grid=6, cond=half))
+    merged = a.merge(cost_matrix(Guided(net, 1.5, null), noise[12:], grid=6, cond=half))
+    assert merged.count == 24 and merged.identity["guidance"] == a.identity["guidance"]
+    with pytest.raises(ConfigError, match="must be one row shared by every sample"):
+        Guided(net, 1.5, {"label": torch.zeros(2, dtype=torch.long)})
+
+
 def test_a_cache_that_cannot_be_opened_is_not_called_damaged(noise, tmp_path, monkeypatch):
     cache = tmp_path / "cost.npz"
     cost_matrix(SpiralField(), noise[:12], grid=6, cache=cache)

@@ -242,6 +242,12 @@ class CostMatrix:
                 f"cannot merge cost matrices of different models (weights fingerprints {mine} and "
                 f"{theirs})"
             )
+        guidance = [m.identity.get("guidance") for m in (self, other)]
+        if guidance[0] != guidance[1]:  # the weights' fingerprint does not see a Guided wrapper
+            raise CostMatrixError(
+                f"cannot merge cost matrices of differently guided fields ({guidance[0]} and "
+                f"{guidance[1]}): another scale or unconditional input is another field"
+            )
         first = [m.identity.get("noise_fingerprint") for m in (self, other)]
         if first[0] is not None and first[0] == first[1]:
             raise CostMatrixError(
@@ -252,6 +258,8 @@ class CostMatrix:
         # other noises (that is the point of merging): only the model stays common
         same = self.identity == other.identity
         identity = dict(self.identity) if same else {"model_fingerprint": mine}
+        if not same and guidance[0] is not None:
+            identity["guidance"] = guidance[0]
         return CostMatrix(
             self.grid,
             self.sum + other.sum,
