@@ -126,6 +126,8 @@ def test_train_base_writes_loadable_weights_with_provenance(tmp_path):
     )
     meta = json.loads((out / "digits.json").read_text())
     assert meta["class"] == "DigitUNet" and meta["provenance"]["settings"]["steps"] == 3
+    assert "checkpoint" not in meta["provenance"]["call"]  # the call as given
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".checkpoint")) == []
     assert (
         run(
             "sample --nfe 2 --n 2 --device cpu --out",

@@ -365,3 +365,54 @@ def test_a_trained_base_loads_with_the_shape_and_data_it_records(tmp_path):
     assert shipped.sample_shape == (1, 8, 8) and shipped.dataset == "digits"
     with pytest.raises(ConfigError, match="--convention, --timestep-scale .*drop it"):
         load_model("digits", convention="diffusers", timestep_scale=7.0)
+
+
+@pytest.mark.parametrize("which", ["flow", "conditional flow", "classifier"])
+def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
+    tmp_path, monkeypatch, which
+):
+    """train-base kept no checkpoints: an interrupt lost every step (and its message said
+    "rerun to resume"). Killed at step 8 with checkpoints every 3, rerun from step 6."""
+    import bossflow.recipes.digits as recipe
+    from bossflow.data import load_dataset
+
+    data = load_dataset("digits", "train")
+    images, labels = data.images[:96], data.labels[:96]
+    if which == "classifier":
+        kwargs = dict(steps=12, batch_size=32, seed=1, log_every=2, progress=False)
+
+        def train(**more):
+            return recipe.train_classifier(images, labels, **kwargs, **more)
+    else:
+        extra = {"labels": labels, "val_labels": labels[:16]} if "conditional" in which else {}
+        kwargs = dict(steps=12, batch_size=32, seed=1, model_config=TINY_UNET, warmup=2,
+                      ema_decay=0.9, log_every=2, progress=False, **extra)  # fmt: skip
+
+        def train(**more):
+            return recipe.train_base(images, val_data=images[:16], val_every=5, **kwargs, **more)
+
+    whole, whole_log = train()
+    real = recipe.learning_rate
+
+    def killed_at_step_8(step, *args):
+        if step == 8:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    ckpt = tmp_path / "run.pt"
+    monkeypatch.setattr(recipe, "learning_rate", killed_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(checkpoint=ckpt, checkpoint_every=3)
+    monkeypatch.setattr(recipe, "learning_rate", real)
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    resumed, resumed_log = train(checkpoint=ckpt, checkpoint_every=3)
+    for (k, a), (_, b) in zip(
+        whole.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    assert (resumed_log.step, resumed_log.loss) == (whole_log.step, whole_log.loss)
+    assert (resumed_log.val_step, resumed_log.val_loss) == (whole_log.val_step, whole_log.val_loss)
+    # a checkpoint of other settings is refused, not resumed
+    kwargs["seed"] = 2
+    with pytest.raises(CheckpointError, match="checkpoint of another training run"):
+        train(checkpoint=ckpt)

@@ -1525,7 +1525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose --out is a folder they write into; main() holds an output_lock on it.
-_RESUMES = {"schedule", "straighten", "demo"}  # (evaluate, sample and train-base keep none)
+_RESUMES = {"schedule", "straighten", "demo", "train-base"}  # (evaluate and sample keep none)
 _WRITES_OUT_FOLDER = {"schedule", "straighten", "evaluate", "demo", "train-base"}
 
 

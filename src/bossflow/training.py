@@ -165,14 +165,37 @@ def random_rows(pool: np.ndarray, batch_size: int, generator: torch.Generator) -
     return pool[pick.numpy()]
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless batches of indices in ``0..n-1``: a fresh permutation each epoch, the last
-    partial batch dropped (``batch_size`` is capped at ``n``)."""
-    batch_size = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
+class EpochBatches:
+    """Endless batches of indices in ``0..n-1``: a fresh permutation each epoch (drawn from
+    ``generator`` when the epoch starts), the last partial batch dropped (``batch_size`` is capped
+    at ``n``). :meth:`state_dict` / :meth:`load_state_dict` resume it mid-epoch (with the
+    generator's own state saved beside it)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, min(batch_size, n), generator
+        self.perm: Tensor | None = None
+        self.pos = 0
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> Tensor:
+        if self.perm is None or self.pos + self.batch_size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        batch = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> EpochBatches:
+    """Endless batches of indices in ``0..n-1`` (:class:`EpochBatches`)."""
+    return EpochBatches(n, batch_size, generator)
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:

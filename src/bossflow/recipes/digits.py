@@ -31,7 +31,7 @@ import copy
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import noise_fingerprint
 from ..data import load_dataset
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..field import Guided
 from ..metrics import feature_stats, frechet_from_stats
 from ..models.unet import DigitClassifier, DigitUNet
@@ -53,7 +54,15 @@ from ..pretrained import (
 from ..progress import progress_bar
 from ..schedule import uniform
 from ..solvers import sample
-from ..training import EMA, LR_SCHEDULES, epoch_batches, interpolate, learning_rate
+from ..training import (
+    EMA,
+    LR_SCHEDULES,
+    epoch_batches,
+    interpolate,
+    learning_rate,
+    load_state,
+    save_state,
+)
 
 __all__ = [
     "TrainLog",
@@ -114,6 +123,51 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+_CHECKPOINT_FORMAT = "bossflow.train-base/1"
+
+
+class _Checkpoints:
+    """A training loop's checkpoint at ``path``: written every ``every`` steps and at the end
+    (atomically), read back when a rerun has the same ``identity``; ``path=None``: none."""
+
+    def __init__(self, path: str | Path | None, every: int, identity: dict[str, Any]):
+        if every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {every}")
+        self.path = None if path is None else Path(path)
+        self.every, self.identity = every, identity
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        state = load_state(self.path, _CHECKPOINT_FORMAT)
+        if state.get("identity") != self.identity:
+            raise CheckpointError(
+                f"{self.path} is the checkpoint of another training run (other settings or data); "
+                "delete it to train from the start, or use another folder"
+            )
+        return state
+
+    def due(self, step: int, steps: int) -> bool:
+        return self.path is not None and (step % self.every == 0 or step == steps)
+
+    def save(self, state: dict[str, Any]) -> None:
+        save_state(self.path, {"format": _CHECKPOINT_FORMAT, "identity": self.identity, **state})
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG (weight init, dropout): CPU and, on a GPU, its device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _check_labels(labels: Tensor, count: int, num_classes: int, what: str) -> None:
     if not isinstance(labels, Tensor) or labels.shape != (count,) or labels.is_floating_point():
         raise ConfigError(
@@ -156,6 +210,8 @@ def train_base(
     labels: Tensor | None = None,
     val_labels: Tensor | None = None,
     label_dropout: float = 0.1,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 200,
 ) -> tuple[DigitUNet, TrainLog]:
     """Train a :class:`DigitUNet` velocity field on ``data`` by rectified flow.
 
@@ -193,6 +249,10 @@ def train_base(
         labels: classes of ``data``, int64 of shape (N,), for a class-conditional model.
         val_labels: classes of ``val_data`` (M,); required with ``labels`` and ``val_data``.
         label_dropout: probability that a training label is replaced by the null label.
+        checkpoint: a file for the run's state, written every ``checkpoint_every`` steps and at
+            the end (atomically); a rerun with the same settings and data resumes from it and
+            ends with the weights of an uninterrupted run. ``None``: no checkpoints.
+        checkpoint_every: steps between checkpoints.
 
     Returns:
         ``(ema_model, log)``: the EMA weights as a :class:`DigitUNet` in eval mode, on ``device``,
@@ -270,6 +330,26 @@ def train_base(
                 val_labels = val_labels.to(device=device, dtype=torch.int64)
         batches = epoch_batches(data.shape[0], batch_size, gen)
         log = TrainLog(settings=settings)
+        identity = {
+            "run": "flow",
+            "settings": settings,
+            "data": noise_fingerprint(data),
+            "labels": None if labels is None else noise_fingerprint(labels),
+        }
+        checkpoints = _Checkpoints(checkpoint, checkpoint_every, identity)
+        saved = checkpoints.load()
+        first, running, count, elapsed = 0, 0.0, 0, 0.0
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            _set_rng_state(saved["rng"], device)
+            batches.load_state_dict(saved["batches"])
+            log = TrainLog(**saved["log"])
+            first, running, count, elapsed = (
+                saved[k] for k in ("step", "running", "count", "wall")
+            )
 
         def validate(step: int) -> None:
             if val_data is not None:
@@ -278,10 +358,9 @@ def train_base(
                     flow_validation_loss(ema, val_data, seed=seed, labels=val_labels)
                 )
 
-        start = time.perf_counter()
-        running, count = 0.0, 0
-        bar = progress_bar(total=steps, desc="train-base", enabled=progress)
-        for step in range(steps):
+        start = time.perf_counter() - elapsed
+        bar = progress_bar(total=steps, initial=first, desc="train-base", enabled=progress)
+        for step in range(first, steps):
             current_lr = learning_rate(step, steps, lr, warmup, lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = current_lr
@@ -313,6 +392,22 @@ def train_base(
             bar.update(1)
             if val_every > 0 and (step + 1) % val_every == 0 and step + 1 != steps:
                 validate(step + 1)
+            if checkpoints.due(step + 1, steps):
+                checkpoints.save(
+                    {
+                        "step": step + 1,
+                        "model": model.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(),
+                        "rng": _rng_state(device),
+                        "batches": batches.state_dict(),
+                        "log": asdict(log),
+                        "running": running,
+                        "count": count,
+                        "wall": time.perf_counter() - start,
+                    }
+                )
         bar.close()
         validate(steps)
         log.wall_time_s = time.perf_counter() - start
@@ -478,6 +573,8 @@ def train_classifier(
     log_every: int = 50,
     device: torch.device | str | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 200,
 ) -> tuple[DigitClassifier, TrainLog]:
     """Train a :class:`DigitClassifier` by cross-entropy with light augmentation.
 
@@ -501,6 +598,8 @@ def train_classifier(
         log_every: steps between loss records.
         device: where to train (default: ``images``' device).
         progress: show a progress bar (on a terminal only).
+        checkpoint: a file for the run's state (see :func:`train_base`); ``None``: none.
+        checkpoint_every: steps between checkpoints.
 
     Returns:
         ``(classifier, log)``, the classifier in eval mode.
@@ -537,11 +636,29 @@ def train_classifier(
         labels = labels.to(device)
         batches = epoch_batches(images.shape[0], batch_size, gen)
         log = TrainLog(settings=settings)
+        identity = {
+            "run": "classifier",
+            "settings": settings,
+            "data": noise_fingerprint(images),
+            "labels": noise_fingerprint(labels),
+        }
+        checkpoints = _Checkpoints(checkpoint, checkpoint_every, identity)
+        saved = checkpoints.load()
+        first, running, count, elapsed = 0, 0.0, 0, 0.0
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            _set_rng_state(saved["rng"], device)
+            batches.load_state_dict(saved["batches"])
+            log = TrainLog(**saved["log"])
+            first, running, count, elapsed = (
+                saved[k] for k in ("step", "running", "count", "wall")
+            )
 
-        start = time.perf_counter()
-        running, count = 0.0, 0
-        bar = progress_bar(total=steps, desc="train-classifier", enabled=progress)
-        for step in range(steps):
+        start = time.perf_counter() - elapsed
+        bar = progress_bar(total=steps, initial=first, desc="train-classifier", enabled=progress)
+        for step in range(first, steps):
             current_lr = learning_rate(step, steps, lr, warmup, "cosine")
             for group in opt.param_groups:
                 group["lr"] = current_lr
@@ -561,6 +678,21 @@ def train_classifier(
                 bar.set_postfix(loss=f"{running / count:.4f}")
                 running, count = 0.0, 0
             bar.update(1)
+            if checkpoints.due(step + 1, steps):
+                checkpoints.save(
+                    {
+                        "step": step + 1,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(),
+                        "rng": _rng_state(device),
+                        "batches": batches.state_dict(),
+                        "log": asdict(log),
+                        "running": running,
+                        "count": count,
+                        "wall": time.perf_counter() - start,
+                    }
+                )
         bar.close()
         log.wall_time_s = time.perf_counter() - start
         return model.eval(), log
@@ -639,6 +771,11 @@ def train_and_save(
         f"check_steps={check_steps})"
     )
 
+    # each training keeps a checkpoint in the folder until both models are saved: a rerun of an
+    # interrupted call resumes (a finished classifier is not trained again)
+    ckpt = {k: Path(directory) / f".checkpoint-{name}-{k}.pt" for k in ("classifier", "flow")}
+    classifier.setdefault("checkpoint", ckpt["classifier"])
+    flow.setdefault("checkpoint", ckpt["flow"])
     clf, clf_log = train_classifier(
         train.images, train.labels, seed=seed, device=device, progress=progress, **classifier
     )
@@ -693,6 +830,8 @@ def train_and_save(
         save_pretrained(model.cpu(), directory, name, flow_prov),
         save_pretrained(clf.cpu(), directory, f"{name}-classifier", clf_prov),
     ]
+    for path in ckpt.values():  # the models are saved: the checkpoints have served
+        path.unlink(missing_ok=True)
     return {"flow": flow_prov, "classifier": clf_prov, "paths": [str(p) for p in paths]}
 
 
@@ -874,6 +1013,8 @@ def train_and_save_conditional(
         f"guidance_samples={guidance_samples}, guidance_steps={guidance_steps}, "
         f"check_samples={check_samples}, check_steps={check_steps})"
     )
+    ckpt = Path(directory) / f".checkpoint-{name}-flow.pt"  # until the model is saved
+    flow.setdefault("checkpoint", ckpt)
     model, log = train_base(
         train.images,
         seed=seed,
@@ -946,4 +1087,5 @@ def train_and_save_conditional(
         "environment": _environment(),
     }
     path = save_pretrained(model.cpu(), directory, name, flow_prov)
+    ckpt.unlink(missing_ok=True)
     return {"flow": flow_prov, "paths": [str(path)]}
