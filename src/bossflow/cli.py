@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import BossflowError, ConfigError
@@ -43,14 +43,27 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(kind: type, ok: Callable[[float], bool], expected: str, quote: bool = False):
+    """An argparse type: ``kind(text)`` that passes ``ok``, else "expected ``expected``"."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            shown = repr(text) if quote else text
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
+        return value
+
+    return parse
+
+
+_positive = _number(int, lambda v: v >= 1, "a positive integer", quote=True)
+_non_negative = _number(int, lambda v: v >= 0, "an integer >= 0")
+_at_least_two = _number(int, lambda v: v >= 2, "an integer >= 2")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_finite_float = _number(float, math.isfinite, "a finite number")
 
 
 def _device(name: str | None) -> str:
@@ -83,46 +96,6 @@ def _fraction_or_count(text: str) -> float | int:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction or a count, got {text!r}") from None
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
-
-
-def _at_least_two(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text}")
-    return value
 
 
 def _given(args: argparse.Namespace) -> set[str]:

@@ -136,36 +136,49 @@ class _Checkpoints:
         self.path = None if path is None else Path(path)
         self.every, self.identity = every, identity
 
-    def load(self) -> dict[str, Any] | None:
+    def resume(
+        self, parts: dict[str, Any], gen: torch.Generator, device: torch.device, log: TrainLog
+    ) -> tuple[TrainLog, int, float, int, float]:
+        """Restore ``parts`` (objects with ``load_state_dict``), the generators and the loop from
+        the checkpoint of this run, if any: ``(log, first step, running loss, count, seconds)``."""
         if self.path is None or not self.path.exists():
-            return None
+            return log, 0, 0.0, 0, 0.0
         state = load_state(self.path, _CHECKPOINT_FORMAT)
         if state.get("identity") != self.identity:
             raise CheckpointError(
                 f"{self.path} is the checkpoint of another training run (other settings or data); "
                 "delete it to train from the start, or use another folder"
             )
-        return state
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        loop = (state[k] for k in ("step", "running", "count", "wall"))
+        return TrainLog(**state["log"]), *loop
 
     def due(self, step: int, steps: int) -> bool:
         return self.path is not None and (step % self.every == 0 or step == steps)
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(
+        self,
+        parts: dict[str, Any],
+        gen: torch.Generator,
+        device: torch.device,
+        log: TrainLog,
+        step: int,
+        running: float,
+        count: int,
+        wall: float,
+    ) -> None:
+        rng = {"cpu": torch.get_rng_state()}  # the global RNG: weight init, dropout
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state.update(generator=gen.get_state(), rng=rng, log=asdict(log), step=step)
+        state.update(running=running, count=count, wall=wall)
         save_state(self.path, {"format": _CHECKPOINT_FORMAT, "identity": self.identity, **state})
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """The global RNG (weight init, dropout): CPU and, on a GPU, its device's."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _check_labels(labels: Tensor, count: int, num_classes: int, what: str) -> None:
@@ -337,19 +350,8 @@ def train_base(
             "labels": None if labels is None else noise_fingerprint(labels),
         }
         checkpoints = _Checkpoints(checkpoint, checkpoint_every, identity)
-        saved = checkpoints.load()
-        first, running, count, elapsed = 0, 0.0, 0, 0.0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            ema.load_state_dict(saved["ema"])
-            opt.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["generator"])
-            _set_rng_state(saved["rng"], device)
-            batches.load_state_dict(saved["batches"])
-            log = TrainLog(**saved["log"])
-            first, running, count, elapsed = (
-                saved[k] for k in ("step", "running", "count", "wall")
-            )
+        parts = {"model": model, "ema": ema, "optimizer": opt, "batches": batches}
+        log, first, running, count, elapsed = checkpoints.resume(parts, gen, device, log)
 
         def validate(step: int) -> None:
             if val_data is not None:
@@ -393,21 +395,8 @@ def train_base(
             if val_every > 0 and (step + 1) % val_every == 0 and step + 1 != steps:
                 validate(step + 1)
             if checkpoints.due(step + 1, steps):
-                checkpoints.save(
-                    {
-                        "step": step + 1,
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "generator": gen.get_state(),
-                        "rng": _rng_state(device),
-                        "batches": batches.state_dict(),
-                        "log": asdict(log),
-                        "running": running,
-                        "count": count,
-                        "wall": time.perf_counter() - start,
-                    }
-                )
+                loop = (step + 1, running, count, time.perf_counter() - start)
+                checkpoints.save(parts, gen, device, log, *loop)
         bar.close()
         validate(steps)
         log.wall_time_s = time.perf_counter() - start
@@ -643,18 +632,8 @@ def train_classifier(
             "labels": noise_fingerprint(labels),
         }
         checkpoints = _Checkpoints(checkpoint, checkpoint_every, identity)
-        saved = checkpoints.load()
-        first, running, count, elapsed = 0, 0.0, 0, 0.0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["generator"])
-            _set_rng_state(saved["rng"], device)
-            batches.load_state_dict(saved["batches"])
-            log = TrainLog(**saved["log"])
-            first, running, count, elapsed = (
-                saved[k] for k in ("step", "running", "count", "wall")
-            )
+        parts = {"model": model, "optimizer": opt, "batches": batches}
+        log, first, running, count, elapsed = checkpoints.resume(parts, gen, device, log)
 
         start = time.perf_counter() - elapsed
         bar = progress_bar(total=steps, initial=first, desc="train-classifier", enabled=progress)
@@ -679,20 +658,8 @@ def train_classifier(
                 running, count = 0.0, 0
             bar.update(1)
             if checkpoints.due(step + 1, steps):
-                checkpoints.save(
-                    {
-                        "step": step + 1,
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "generator": gen.get_state(),
-                        "rng": _rng_state(device),
-                        "batches": batches.state_dict(),
-                        "log": asdict(log),
-                        "running": running,
-                        "count": count,
-                        "wall": time.perf_counter() - start,
-                    }
-                )
+                loop = (step + 1, running, count, time.perf_counter() - start)
+                checkpoints.save(parts, gen, device, log, *loop)
         bar.close()
         log.wall_time_s = time.perf_counter() - start
         return model.eval(), log
