@@ -165,6 +165,17 @@ def test_small_input_errors():
         NoiseSource((2,), seed=-1)
     with pytest.raises(ConfigError, match="must be among nfes"):
         DemoConfig(nfes=(2, 4), straighten_nfes=(3,))
+    # the learning's checks come before stage 1, not at stage 3 after the straightening
+    with pytest.raises(ConfigError, match="learn_samples 1 leaves no noise to learn on"):
+        DemoConfig(learn_samples=1)
+    with pytest.raises(ConfigError, match="none of learn_solvers heun can spend exactly 3"):
+        DemoConfig(
+            nfes=(2, 3),
+            learn_nfes=(3,),
+            straighten_nfes=(2,),
+            boss_learn_nfes=(2,),
+            learn_solvers=("heun",),
+        )
     with pytest.raises(BossflowError, match="could not write"):
         atomic_write_text("/proc/bossflow-test.json", "{}")
 

@@ -1,5 +1,8 @@
 """Learned samplers: times and per-step scales fitted to the final error, the network frozen."""
 
+import math
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +159,12 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
 
     with pytest.raises(CheckpointError, match="another sampler-learning run"):
         learn_sampler(Other(), z, teacher, 2, config, out_dir=tmp_path / "b")
+    # a teacher of another step count has nearly the same norm: its description tells them apart
+    heun = {"teacher": "heun 200"}
+    learn_sampler(field, z, teacher, 2, cfg(iterations=5), out_dir=tmp_path / "c", provenance=heun)
+    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+        learn_sampler(field, z, teacher, 2, cfg(iterations=5), out_dir=tmp_path / "c",
+                      provenance={"teacher": "heun 100"})  # fmt: skip
 
 
 def test_early_stopping_and_the_best_parameters(spiral):
@@ -185,6 +194,24 @@ def test_best_solver_family_is_chosen_on_heldout_noises(spiral):
     tie, both = learn_best_sampler(field, z, teacher, 1, ("euler", "ab2"), cfg(iterations=5))
     assert both["euler"].heldout_error == both["ab2"].heldout_error
     assert tie.sampler.solver == "euler"
+
+
+def test_a_family_whose_error_is_nan_ranks_last_wherever_it_is_listed(spiral, monkeypatch):
+    """min() kept a NaN listed first (nothing is less than NaN): "every learned sampler
+    diverged" although ab2 had a finite error."""
+    import bossflow.learn as learn
+
+    field, z, teacher = spiral
+    real = learn.learn_sampler
+
+    def nan_for_euler(*args, **kwargs):
+        result = real(*args, **kwargs)
+        solver = args[4].solver
+        return replace(result, heldout_error=math.nan) if solver == "euler" else result
+
+    monkeypatch.setattr(learn, "learn_sampler", nan_for_euler)
+    best, every = learn_best_sampler(field, z, teacher, 2, ("euler", "ab2"), cfg(iterations=5))
+    assert math.isnan(every["euler"].heldout_error) and best.sampler.solver == "ab2"
 
 
 def test_significant_gain_is_a_paired_test():

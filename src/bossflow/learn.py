@@ -383,12 +383,19 @@ def _same_run(saved: dict | None, mine: dict, teacher: Tensor, take_cond: Callab
     if not isinstance(saved, dict):
         return False
     a, b = dict(saved), dict(mine)
+    if "teacher" not in a:  # checkpoints from before the teacher's solver was recorded
+        b.pop("teacher", None)
     norm = b.pop("teacher_norm")
     if "teacher_norm" in a:
         same_teacher = math.isclose(a.pop("teacher_norm"), norm, rel_tol=1e-5)
     else:
         same_teacher = a.pop("teacher_sum", None) == float(teacher.double().sum())
     return same_teacher and same_identity(a, b, take_cond, int(teacher.shape[0]), "cond")
+
+
+def _rank(error: float) -> float:
+    """An error for ordering: NaN (a diverged or undefined error) after every number."""
+    return math.inf if math.isnan(error) else error
 
 
 def _holdout(n: int, holdout: float | int) -> tuple[np.ndarray, np.ndarray]:
@@ -496,6 +503,8 @@ def learn_sampler(
         identity["cond"] = cond_fingerprint(take_cond, int(noise.shape[0]))
     if (guidance := guidance_identity(field)) is not None:  # another scale: another field
         identity["guidance"] = guidance
+    if (provenance or {}).get("teacher") is not None:  # e.g. "heun 200": the norm alone is close
+        identity["teacher"] = provenance["teacher"]  # for another number of teacher steps
     meta = {
         "method": "learned",
         "provenance": {
@@ -601,7 +610,7 @@ def learn_sampler(
                     )
                     running, count = 0.0, 0
                     bar.set_postfix(heldout=f"{held:.4g}", refresh=False)
-                    if held < best["loss"]:
+                    if _rank(held) < _rank(best["loss"]):  # a NaN start is beaten by any number
                         best = {
                             "iteration": iteration,
                             "loss": held,
@@ -703,7 +712,8 @@ def learn_best_sampler(
         raise ConfigError(
             f"none of the solvers {list(solvers)} can spend exactly {nfe} evaluations"
         )
-    best = min(results.values(), key=lambda r: r.heldout_error)  # ties: the earlier family
+    # ties: the earlier family; a NaN error ranks last, wherever its family is listed
+    best = min(results.values(), key=lambda r: _rank(r.heldout_error))
     if not math.isfinite(best.heldout_error):
         raise ConfigError("every learned sampler diverged; lower lr")
     first = next(iter(results.values()))

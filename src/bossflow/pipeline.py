@@ -117,6 +117,26 @@ class DemoConfig:
             raise ConfigError(
                 f"unknown learn_solvers entry {unknown[0]!r}; choose from {', '.join(SOLVERS)}"
             )
+        from .errors import BossflowError
+        from .learn import LearnConfig, _holdout, steps_for
+
+        try:  # the learning's own checks, now rather than at stage 3
+            _holdout(self.learn_samples, LearnConfig().holdout)
+        except ConfigError:
+            raise ConfigError(
+                f"learn_samples {self.learn_samples} leaves no noise to learn on after the "
+                "held-out quarter; give at least 2"
+            ) from None
+        for k in sorted(set(self.learn_nfes) | set(self.boss_learn_nfes)):
+            possible = []
+            for solver in self.learn_solvers:
+                with contextlib.suppress(BossflowError):
+                    possible.append(steps_for(solver, k))
+            if not possible:
+                raise ConfigError(
+                    f"none of learn_solvers {', '.join(self.learn_solvers)} can spend exactly {k} "
+                    "evaluations; add euler or ab2, or drop that NFE"
+                )
         held = max(1, round(PAIR_HOLDOUT * self.pair_samples))
         if held >= self.pair_samples:
             raise ConfigError(
