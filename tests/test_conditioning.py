@@ -171,6 +171,9 @@ def test_a_distilled_student_with_per_sample_null_inputs_straightens_again(field
     config = StraightenConfig(iterations=3, batch_size=4, holdout=4, eval_every=1)
     result = straighten(student, pairs, schedule, config, progress=False, cond=cond)
     assert type(result.module) is CondField and len(result.history) == 4
+    # sampled as it was trained: without the uncond.* inputs (the bare network got them)
+    x = sample(result.sampling_field, torch.randn(16, D), schedule, cond=cond)
+    assert x.shape == (16, D) and result.unguided
 
 
 def test_growing_a_conditional_store_or_cache_keeps_it(field, tmp_path):

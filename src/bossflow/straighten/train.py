@@ -256,6 +256,8 @@ class StraightenResult:
         base_fingerprint: the teacher's :func:`~bossflow.checkpoint.module_fingerprint` (saved,
             so an evaluation against another base model is flagged).
         pairs_meta: the ``meta`` the pairs were made with (model id, seed, the CLI's precision).
+        unguided: the field was given as :class:`~bossflow.field.Unguided` (a distilled student
+            straightened again): it is sampled that way too.
     """
 
     module: nn.Module
@@ -272,13 +274,16 @@ class StraightenResult:
     teacher_guidance: dict[str, Any] | None = None
     base_fingerprint: str | None = None
     pairs_meta: dict[str, Any] = field(default_factory=dict)
+    unguided: bool = False
 
     @property
     def sampling_field(self) -> nn.Module:
         """The velocity field to sample with: :attr:`module`, under its guidance if kept."""
         if self.guided is not None:
             return Guided(self.module, self.guided["scale"], self.guided["uncond"])
-        return Unguided(self.module) if self.teacher_guidance is not None else self.module
+        if self.teacher_guidance is not None or self.unguided:
+            return Unguided(self.module)
+        return self.module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1070,6 +1075,7 @@ def straighten(
         ),
         base_fingerprint=base_fingerprint,
         pairs_meta=dict(pairs.manifest.get("meta") or {}),
+        unguided=unguided,
     )
 
 
@@ -1125,6 +1131,7 @@ def save_straightened(result: StraightenResult, path: str | os.PathLike) -> Path
         "guidance": result.teacher_guidance,
         "base_fingerprint": result.base_fingerprint,  # the teacher: evaluate checks its base
         "pairs": result.pairs_meta,  # what made the pairs (model, seed, precision)
+        "unguided": result.unguided,  # sampled without the conditioning's uncond.* inputs
         "network_prefix": prefix,
         "network_class": f"{cls.__module__}.{cls.__qualname__}",
         "diffusers_folder": diffusers_folder.name if diffusers_folder else None,
