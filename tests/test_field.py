@@ -25,14 +25,14 @@ class Recorder(torch.nn.Module):
         return args, kwargs
 
 
-def test_rectified_flow_adapter_time_map_and_chain_rule():
+def test_rectified_flow_adapter_time_map():
     net = lambda x, tc: x * tc[:, None]  # noqa: E731
     field = RectifiedFlowField(net, eps=1e-3)
     x = torch.ones(3, 2)
     t = torch.tensor([0.0, 0.5, 1.0])
     out = field(x, t)
     tc = 999 * (1e-3 + (1 - 1e-3) * t)
-    torch.testing.assert_close(out, (1 - 1e-3) * tc[:, None].expand(3, 2))
+    torch.testing.assert_close(out, tc[:, None].expand(3, 2))  # the network's own velocity
     assert field.network is net
 
 
@@ -41,12 +41,13 @@ def test_rectified_flow_uniform_euler_equals_original_sampler():
     net = torch.nn.Sequential(torch.nn.Linear(3, 3))
     raw = lambda x, tc: net(x) * torch.cos(tc / 999)[:, None]  # noqa: E731
     z = torch.randn(5, 3)
-    # the original Euler loop: t from eps to 1, dt = (1 - eps) / N, pred = net(x, 999 t)
+    # the original Euler loop (RectifiedFlow ImageGeneration/sampling.py, euler_sampler):
+    # dt = 1 / N, num_t = i / N * (T - eps) + eps, pred = model_fn(x, num_t * 999), x += pred dt
     eps, n, x = 1e-3, 7, z.clone()
     with torch.no_grad():
         for i in range(n):
-            t = torch.full((5,), i * (1 - eps) / n + eps)
-            x = x + raw(x, 999 * t) * (1 - eps) / n
+            t = torch.full((5,), i / n * (1.0 - eps) + eps)
+            x = x + raw(x, t * 999) * (1.0 / n)
         ours = sample(RectifiedFlowField(raw, eps=eps), z, uniform(n))
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-6)
 

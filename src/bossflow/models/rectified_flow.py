@@ -401,12 +401,13 @@ def load_rectified_flow(
             ``"model"`` (the raw training weights).
         map_location: device to put the network on (the file is always read onto the CPU first,
             so checkpoints saved on ``cuda:0`` load anywhere).
-        eps: the original sampler's start time; bossflow time ``t`` in [0, 1] maps to upstream
-            time ``eps + (1 - eps) t``.
+        eps: the original sampler's first network time; bossflow time ``t`` in [0, 1] is fed
+            as upstream time ``eps + (1 - eps) t``.
 
     Returns:
         A :class:`bossflow.field.RectifiedFlowField` in eval mode computing
-        ``v(x, t) = (1 - eps) * network(x, 999 * (eps + (1 - eps) * t))`` for ``x`` of shape
+        ``v(x, t) = network(x, 999 * (eps + (1 - eps) * t))`` (the original Euler sampler's
+        velocity: K uniform Euler steps are its K-step sampler) for ``x`` of shape
         (B, C, H, W) and ``t`` of shape (B,), noise at ``t = 0`` and data at ``t = 1``. The raw
         :class:`NCSNpp` is ``.network``. The loader also sets:
 
