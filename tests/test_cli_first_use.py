@@ -249,6 +249,11 @@ def test_point_model_through_every_command(tmp_path, monkeypatch, capsys):
     tuned = tmp_path / "tuned"
     train = ("--pairs", 16, "--iterations", 3, "--batch-size", 4, "--quiet")
     assert run("straighten", *model, "--schedule", schedule, *train, "--out", tuned) == 0
+    lora = tmp_path / "lora"  # the official BOSS code's LoRA scale: alpha 1 (1 / r)
+    options = ("--lora-rank", 2, "--lora-alpha", 1)
+    assert run("straighten", *model, "--schedule", schedule, *train, *options, "--out", lora) == 0
+    assert json.loads((lora / "model.json").read_text())["config"]["lora_alpha"] == 1.0
+    assert json.loads((lora / "model-lora" / "adapter_config.json").read_text())["lora_alpha"] == 1
     ev = tmp_path / "ev"
     finetuned = ("--finetuned", tuned / "model.safetensors", "--method", "boss")
     sizes = ("--samples", 16, "--reference-steps", 8, "--quiet")
@@ -305,6 +310,10 @@ def test_evaluate_refuses_colliding_labels_before_the_reference_solve(
         (  # full fine-tuning ignored the targets
             ["straighten", "--schedule", "{schedule}", "--lora-targets", "conv_in"],
             "--lora-targets only matters with --lora-rank",
+        ),
+        (
+            ["straighten", "--schedule", "{schedule}", "--lora-alpha", "1"],
+            "--lora-alpha only matters with --lora-rank",
         ),
         (  # an unguided model ignored the mode
             ["straighten", "--schedule", "{schedule}", "--guidance-mode", "distill"],

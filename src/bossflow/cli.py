@@ -962,8 +962,10 @@ def _straighten_config(args: argparse.Namespace):
         )
     if args.lora_rank > 0:
         require("peft", "lora", f"--lora-rank {args.lora_rank} (LoRA straightening)")
-    elif args.lora_targets is not None:
-        raise ConfigError("--lora-targets only matters with --lora-rank r > 0 (LoRA straightening)")
+    else:
+        _refuse_unless(
+            args, ["lora_targets", "lora_alpha"], "--lora-rank r > 0 (LoRA straightening)"
+        )
     config = StraightenConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -971,6 +973,7 @@ def _straighten_config(args: argparse.Namespace):
         warmup=args.warmup,
         lora_rank=args.lora_rank,
         lora_targets=args.lora_targets,
+        lora_alpha=args.lora_alpha,
         seed=args.seed,
         objective=args.objective,
         holdout=holdout,
@@ -1372,6 +1375,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers that get LoRA adapters: names or name suffixes, comma-separated (e.g. "
         "to_q,to_k,to_v,to_out.0); default: the attention, projection and feed-forward linears "
         "of a diffusers model, every Linear and Conv2d of any other",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=_positive_float,
+        default=lib.lora_alpha,
+        help="LoRA scale numerator: adapters add (alpha / r) B A (default: not set, alpha = r, a "
+        "scale of 1; the official BOSS code uses alpha = 1)",
     )
     p.add_argument(
         "--sharding",
