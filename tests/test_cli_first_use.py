@@ -341,6 +341,18 @@ def test_evaluate_refuses_colliding_labels_before_the_reference_solve(
         ),
         (["sample", "--nfe", "2", "--model", "digits-cond", "--guidance-scale", "inf"], "finite"),
         (["train-base", "--check-samples", "1"], "expected an integer >= 2, got 1"),
+        (  # loaded, then failed at the first call advising --convention (refused for digits)
+            ["sample", "--nfe", "2", "--checkpoint", "digits-classifier"],
+            "holds a DigitClassifier, not a digits velocity field",
+        ),
+        (  # loaded without its labels, then failed asking for cond= (Python advice)
+            ["sample", "--nfe", "2", "--checkpoint", "digits-cond"],
+            "is a class-conditional digits model; load it with --model digits-cond",
+        ),
+        (  # a typo dropped a dimension: (2, 4)
+            ["sample", "--nfe", "2", "--model", "spiral", "--shape", "2,,4"],
+            "--shape must be comma-separated integers like 3,32,32, got '2,,4'",
+        ),
         (["demo", "--pair-samples", "1"], "pair_samples 1: the demo holds out 1"),
     ],
 )
@@ -366,3 +378,14 @@ def test_options_that_would_do_nothing_or_fail_late_are_refused_first(
     assert "Traceback" not in err and err.strip().count("\n") == 0
     assert time.perf_counter() - start < 5  # before any long phase
     assert not (tmp_path / "o").exists()
+
+
+def test_shapes_from_python_are_checked_like_the_command_lines():
+    from bossflow import load_model
+    from bossflow.errors import ConfigError
+
+    assert load_model("spiral", shape=[2]).sample_shape == (2,)
+    assert load_model("spiral", shape="2,4,4,").sample_shape == (2, 4, 4)
+    for bad in ((2, 0), (), ("2", "4")):
+        with pytest.raises(ConfigError, match="--shape must be"):
+            load_model("spiral", shape=bad)

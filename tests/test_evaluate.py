@@ -119,13 +119,20 @@ def test_a_model_that_raises_is_one_clear_error_naming_the_call():
     assert "\n" not in text and isinstance(err.value.__cause__, RuntimeError)
 
 
-def test_cli_shape_not_matching_the_model_is_one_line(tmp_path, capsys):
-    # the digits UNet takes one channel; three are refused inside its first convolution
+def test_cli_shape_not_matching_the_model_is_one_line(tmp_path, capsys, user_module):
+    # a built-in model samples at the size it was trained on: another --shape is refused first
     code = main(["sample", "--shape", "3,8,8", "--nfe", "2", "--n", "2", "--device", "cpu",
                  "--out", str(tmp_path / "x.png")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "raised RuntimeError" in err and "(2, 3, 8, 8)" in err and "--shape" in err
+    assert "--shape 3,8,8 differs from the 1,8,8 samples 'digits' was trained on" in err
+    # a user's model that cannot take the shape: its own error, in one line, naming --shape
+    user_module("mymodel")
+    code = main(["sample", "--model", "mymodel:Net", "--shape", "6", "--nfe", "2", "--n", "2",
+                 "--out", str(tmp_path / "y.pt")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "raised RuntimeError" in err and "(2, 6)" in err and "--shape" in err
 
 
 def test_two_schedule_files_of_one_name_are_both_seen(tmp_path, capsys):

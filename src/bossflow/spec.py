@@ -14,7 +14,8 @@ A spec is one of
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,18 +118,26 @@ def load_finetuned(model: LoadedModel, path: str | Path) -> LoadedModel:
     return model
 
 
-def _parse_shape(shape: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
-    if shape is None or isinstance(shape, tuple):
-        return shape
+def _parse_shape(shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
     try:
-        dims = tuple(int(s) for s in str(shape).replace("x", ",").split(",") if s.strip())
-    except ValueError:
+        if isinstance(shape, str):
+            text = shape.strip().removesuffix(",")  # "3,32,32," is still 3 sizes
+            dims = tuple(int(s) for s in text.replace("x", ",").split(","))  # "3,,32": an error
+        else:  # a tuple, list or torch.Size from Python
+            dims = tuple(operator.index(d) for d in shape)
+    except (TypeError, ValueError):
         raise ConfigError(
             f"--shape must be comma-separated integers like 3,32,32, got {shape!r}"
         ) from None
     if not dims or min(dims) < 1:
         raise ConfigError(f"--shape must be positive integers like 3,32,32, got {shape!r}")
     return dims
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return ",".join(str(int(d)) for d in shape)
 
 
 def _trained_on(source: str) -> tuple[tuple[int, ...], str]:
@@ -143,9 +152,20 @@ def _trained_on(source: str) -> tuple[tuple[int, ...], str]:
 
 
 def _load_digits(checkpoint: str | None, **_: Any) -> LoadedModel:
+    from .models.unet import DigitUNet
     from .pretrained import load_pretrained
 
     model = load_pretrained(checkpoint or "digits")
+    if not isinstance(model, DigitUNet):
+        raise ConfigError(
+            f"--checkpoint {checkpoint} holds a {type(model).__name__}, not a digits velocity "
+            "field (a DigitUNet, as bossflow train-base writes)"
+        )
+    if getattr(model, "num_classes", 0):
+        raise ConfigError(
+            f"--checkpoint {checkpoint} is a class-conditional digits model; load it with "
+            "--model digits-cond"
+        )
     model.eval()
     info = dict(getattr(model, "provenance", {}) or {})
     shape, dataset = _trained_on(checkpoint or "digits")
@@ -247,7 +267,14 @@ def load_model(
     else:
         raise ConfigError(f"unknown model {spec!r}; {_SPEC_FORMS}")
     if shape is not None:
-        loaded.sample_shape = _parse_shape(shape)
+        given = _parse_shape(shape)
+        fixed = spec in ("digits", "digits-cond") or spec.startswith("rectified-flow:")
+        if fixed and given != tuple(loaded.sample_shape):  # their data and metrics are that size
+            raise ConfigError(
+                f"--shape {_shape_str(given)} differs from the {_shape_str(loaded.sample_shape)} "
+                f"samples {spec!r} was trained on; drop --shape"
+            )
+        loaded.sample_shape = given
     loaded.field.eval()
     return loaded.to(device)
 

@@ -272,9 +272,7 @@ def _numpy_safe_globals() -> list[Any]:
         (scalar, "numpy._core.multiarray.scalar"),
         np.dtype,
     ]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed.append(dtypes.Float64DType)
+    allowed.append(type(np.dtype(np.float64)))  # Float64DType (np.dtypes only from numpy 1.25)
     return allowed
 
 
