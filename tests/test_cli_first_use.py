@@ -353,7 +353,7 @@ def test_evaluate_refuses_colliding_labels_before_the_reference_solve(
             ["sample", "--nfe", "2", "--model", "spiral", "--shape", "2,,4"],
             "--shape must be comma-separated integers like 3,32,32, got '2,,4'",
         ),
-        (["demo", "--pair-samples", "1"], "pair_samples 1: the demo holds out 1"),
+        (["demo", "--pair-samples", "1"], "pair_samples 1 leaves no noise to fine-tune on"),
     ],
 )
 def test_options_that_would_do_nothing_or_fail_late_are_refused_first(

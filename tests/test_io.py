@@ -243,3 +243,21 @@ def test_a_checkpoint_that_cannot_be_opened_is_not_called_damaged(tmp_path, monk
     monkeypatch.setattr(checkpoint, "load_torch_weights", denied)
     with pytest.raises(CheckpointError, match="Permission denied; the file is not necessarily"):
         load_state(path, "test/1")
+
+
+def test_a_failed_rank_zero_write_is_published_to_the_other_ranks(tmp_path, monkeypatch):
+    """Only rank 0 writes shared files; the others wait for it at the next collective, so its
+    failure must reach them (as a library caller's run has no CLI to publish it)."""
+    from bossflow import distributed as dist
+
+    published = []
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "is_rank_zero", lambda: True)
+    monkeypatch.setattr(dist, "report_failure", lambda err: published.append(err) or True)
+
+    def full_disk(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(BossflowError, match="could not write") as err:
+        atomic_write(tmp_path / "cost_matrix.npz", full_disk)
+    assert published == [err.value]

@@ -52,9 +52,10 @@ def test_straighten_makes_pairs_in_the_precision_and_trains_in_float32(tmp_path,
     # is also the function, exported by the package)
     real, layouts = straighten_module.straighten, []
 
-    def spy(field, *args, **kwargs):  # the student as fine-tuning receives it
-        layouts.append(_plain_layout(field))
-        return real(field, *args, **kwargs)
+    def spy(field, *args, **kwargs):  # the student as fine-tuning trains it
+        result = real(field, *args, **kwargs)
+        layouts.append(_plain_layout(result.module))
+        return result
 
     monkeypatch.setattr(straighten_module, "straighten", spy)
     schedule = tmp_path / "s"

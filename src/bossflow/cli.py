@@ -279,8 +279,7 @@ def add_model_options(
     g.add_argument(
         "--weights",
         choices=["ema", "model"],
-        default="ema",
-        help="which weight set of a rectified-flow checkpoint to use",
+        help="which weight set of a rectified-flow checkpoint to use (default: ema)",
     )
     g.add_argument(
         "--finetuned",
@@ -352,11 +351,6 @@ def _load(args: argparse.Namespace, finetuned: bool = True):
     from .spec import load_model
 
     device = _device(args.device)
-    if "weights" in _given(args) and not str(args.model).strip().startswith("rectified-flow:"):
-        raise ConfigError(
-            f"--weights picks the EMA or raw weights of a rectified-flow checkpoint; "
-            f"{args.model!r} has one set: drop it"
-        )
     if getattr(args, "precision", None) == "tf32" and not device.startswith("cuda"):
         raise ConfigError(  # before the model is loaded
             f"--precision tf32 is a CUDA matmul mode and changes nothing on {device}; use fp32, "
@@ -435,15 +429,15 @@ def _conditioning(
     (:func:`_finetuned_guidance`); its scale is the run's (another ``--guidance-scale`` is refused).
     ``student=True``: the field is the straightened one, which a ``distill`` run samples without
     guidance (on the same conditioning, less the unconditional inputs). ``precise``: the network
-    runs in ``--precision`` (else in float32, as fine-tuning and sampler learning do).
+    runs in ``--precision`` (else in float32, as fine-tuning and sampler learning do; see
+    :func:`_in_precision` for both from one reading of the conditioning).
     """
     from dataclasses import replace
 
     from .conditioning import prepare_conditioning
     from .field import Unguided
 
-    field = _precise(args, model) if precise else model.field
-
+    field = model.field
     scale = args.guidance_scale
     if recorded is not None:
         if scale is not None and scale != recorded["scale"]:
@@ -462,7 +456,27 @@ def _conditioning(
             guidance_scale=None,
             description=f"{run.description} (distilled: sampled without guidance)",
         )
-    return run
+    return _in_precision(args, model, run) if precise else run
+
+
+def _in_precision(args: argparse.Namespace, model, run):
+    """``run`` with its network in ``--precision`` (:func:`_precise`), inside the same guidance
+    wrapper; ``run`` itself when the options ask for nothing."""
+    from dataclasses import replace
+
+    from .field import Guided, Unguided
+
+    inner = _precise(args, model)
+    if inner is model.field:
+        return run
+    field = run.field
+    if isinstance(field, Guided):
+        field = Guided(inner, field.scale, field.uncond)
+    elif isinstance(field, Unguided):
+        field = Unguided(inner)
+    else:
+        field = inner
+    return replace(run, field=field)
 
 
 def _log_conditioning(run) -> None:
@@ -519,7 +533,7 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
 
     learned = args.method == "learned"
     if learned:
-        from .learn import LearnConfig, steps_for
+        from .learn import LearnConfig, start_steps
 
         config = LearnConfig(
             iterations=args.learn_iterations,
@@ -539,13 +553,14 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
                 f"{args.samples}; raise --samples or lower --learn-holdout"
             ) from None
         for k in args.nfe:
-            if not any(_possible(solver, k) for solver in args.solvers):
+            if not start_steps(args.solvers, k):
                 raise BossflowError(
                     f"none of --solvers {','.join(args.solvers)} can spend exactly {k} evaluations"
                 )
     model = _load(args)
     # a straightened model is measured as it samples: under its recorded guidance
-    run = _conditioning(args, model, _finetuned_guidance(args.finetuned), student=True)
+    plain = _conditioning(args, model, _finetuned_guidance(args.finetuned), True, precise=False)
+    run = _in_precision(args, model, plain)  # the cost matrix and teacher solves
     _log_conditioning(run)
     noise = NoiseSource(model.sample_shape, seed=args.seed, device=device)
     meta = {"model": model.model_id, "seed": args.seed, "kmax": args.kmax, **_precision_meta(args)}
@@ -564,12 +579,7 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
     # Bellman schedules for every budget, and for the step counts the learned samplers start from
     budgets = set(args.nfe)
     if learned:
-        budgets |= {
-            steps_for(solver, k)
-            for k in args.nfe
-            for solver in args.solvers
-            if _possible(solver, k)
-        }
+        budgets |= {steps for k in args.nfe for steps in start_steps(args.solvers, k).values()}
     schedules = bellman_schedules(cost, sorted(budgets))
     print(f"Bellman schedules for {model.model_id} (K_max={args.kmax}, {cost.count} samples)")
     print(f"{'NFE':>4}  {'cost':>12}  times")
@@ -580,22 +590,11 @@ def _schedule(args: argparse.Namespace, out: Path, device: str) -> int:
             print(f"{k:>4}  {_num(s.cost):>12}  {times}")
     print(f"wrote {out / 'cost_matrix.npz'} and {len(args.nfe)} schedule files in {out}")
     if learned:
-        _learn_samplers(args, out, model, noise, schedules, config, run)
+        _learn_samplers(args, out, model, noise, schedules, config, run, plain)
     return 0
 
 
-def _possible(solver: str, nfe: int) -> bool:
-    """Whether ``solver`` can spend exactly ``nfe`` evaluations (Heun cannot spend an odd NFE)."""
-    from .learn import steps_for
-
-    try:
-        steps_for(solver, nfe)
-    except BossflowError:
-        return False
-    return True
-
-
-def _learn_samplers(args, out: Path, model, noise, schedules, config, run) -> None:
+def _learn_samplers(args, out: Path, model, noise, schedules, config, run, plain) -> None:
     """Learn one sampler per budget (best solver family on held-out noises) from the Bellman ones."""
     from .learn import learn_best_sampler, teacher_endpoints
 
@@ -608,7 +607,7 @@ def _learn_samplers(args, out: Path, model, noise, schedules, config, run) -> No
     # the teacher ran in --precision; learning backpropagates through the network in float32
     # (fp16 gradients of a small final error underflow), in its own layout
     _plain_layout(model)
-    run = _conditioning(args, model, _finetuned_guidance(args.finetuned), True, precise=False)
+    run = plain
     prov = {"model": model.model_id, "seed": args.seed, "teacher": f"heun {args.teacher_steps}"}
     prov.update(_precision_meta(args))  # of the teacher solves (learning runs in float32)
     print(f"{'NFE':>4}  {'solver':>8}  {'held-out MSE':>12}  {'Bellman start':>13}  times")
@@ -685,7 +684,7 @@ def _save_samples(x, model, out: Path, save_tensor: str | None, scale: int, titl
     if out.suffix == ".pt":  # --out x.pt asks for the tensor; a picture goes beside it
         tensor_path, picture = tensor_path or out, out.with_suffix(".png")
     if _is_image(shape):
-        value_range = (-1.0, 1.0) if model.centered else (0.0, 1.0)
+        value_range = model.value_range
         grid = save_grid(x.float().cpu(), picture, scale=scale, value_range=value_range)
         written.append(str(grid))
     else:
@@ -788,7 +787,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         features = load_digits_classifier(device=noise.device).features
     solvers = ", ".join(sorted({e.solver for e in entries}))
     log(f"[2/3] sampling {len(entries)} schedule(s) with {solvers}")
-    data_range = 2.0 if model.centered else 1.0  # data in [-1, 1], else [0, 1]
+    low, high = model.value_range
+    data_range = high - low
     records, samples = evaluate_methods(
         entries, noise, reference, data, features, log, cond, data_range=data_range
     )
@@ -821,7 +821,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "data_range": data_range,
         },
         title=f"bossflow evaluate: {model.model_id}",
-        value_range=(-1.0, 1.0) if model.centered else (0.0, 1.0),
+        value_range=model.value_range,
     )
     print(markdown_table(records))
     print(f"report: {report}")
@@ -1023,8 +1023,8 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
         )
     recorded = _finetuned_guidance(args.finetuned)  # None without --finetuned
     # the teacher's fine trajectories run in --precision; fine-tuning runs in float32
-    teacher = _conditioning(args, model, recorded, student=True)
     run = _conditioning(args, model, recorded, student=True, precise=False)
+    teacher = _in_precision(args, model, run)
     _log_conditioning(run)
     if run.guidance_scale is None:
         _refuse_unless(args, ["guidance_mode"], "a guided model (--guidance-scale)")
@@ -1045,7 +1045,6 @@ def _straighten(args, out: Path, device: str, config, schedule, kmax: int) -> in
         meta={"model": model.model_id, "seed": args.seed, **_precision_meta(args)},
         cond=teacher.cond,
     )
-    _plain_layout(model)  # the student trains as the network was given, not channels-last
     result = straighten(
         run.field, pairs, schedule, config, out / "train", not args.quiet, cond=run.cond
     )
@@ -1516,7 +1515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bossflow`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.given = _given_options(sys.argv[1:] if argv is None else list(argv))
+    args.given = _given_options(parser, sys.argv[1:] if argv is None else list(argv))
     from . import distributed
 
     try:
@@ -1557,9 +1556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown()
 
 
-def _given_options(argv: Sequence[str]) -> set[str]:
-    """The dest names of the options ``argv`` gives: parsed again with no defaults at all."""
-    parser = build_parser()
+def _given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The dest names of the options ``argv`` gives: parsed again with no defaults at all
+    (``parser``, done with, loses its defaults)."""
 
     def no_defaults(p: argparse.ArgumentParser) -> None:
         p._defaults.clear()  # set_defaults(func=...)

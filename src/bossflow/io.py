@@ -55,8 +55,10 @@ def atomic_write(
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``.
 
     In a multi-process run (torchrun) only rank 0 writes: the other ranks return ``path`` without
-    writing, so shared files are written once. ``every_rank=True`` writes on every rank (a file
-    only this rank makes, e.g. its pair shard).
+    writing, so shared files are written once, and a failure of rank 0's write is published to
+    them (:func:`~bossflow.distributed.fail_together`: they are bound to wait for rank 0 at the
+    next collective). ``every_rank=True`` writes on every rank (a file only this rank makes, e.g.
+    its pair shard).
 
     The temporary file lives in the same directory (so the rename is atomic) and is removed if
     ``write`` fails; ``path`` is either untouched or complete, never half written.
@@ -67,11 +69,17 @@ def atomic_write(
     ``SystemExit`` propagate as they are. The temporary file is removed in every case.
     """
     path = Path(path)
-    if not every_rank:
-        from .distributed import is_rank_zero
+    if every_rank:
+        return _atomic_write(path, write)
+    from .distributed import fail_together, is_rank_zero
 
-        if not is_rank_zero():
-            return path
+    if not is_rank_zero():
+        return path
+    with fail_together():
+        return _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     ensure_dir(path.parent)
     tmp_path: Path | None = None
     try:

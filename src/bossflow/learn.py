@@ -26,6 +26,7 @@ every rank holds the parameters one process would have (to float rounding).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -159,6 +160,16 @@ def steps_for(solver: str, nfe: int) -> int:
     return nfe // per
 
 
+def start_steps(solvers: Sequence[str], nfe: int) -> dict[str, int]:
+    """The steps K in which each of ``solvers`` spends exactly ``nfe`` evaluations, by solver;
+    a family that cannot (Heun at an odd NFE, an unknown name) is left out."""
+    steps = {}
+    for solver in solvers:
+        with contextlib.suppress(ConfigError):
+            steps[solver] = steps_for(solver, nfe)
+    return steps
+
+
 TEACHER_FORMAT = "bossflow.teacher/1"
 
 
@@ -234,11 +245,8 @@ def teacher_endpoints(
 
     # split over the processes of a multi-process run, gathered in sample order
     out = dist.map_rows(solve, int(noise.shape[0]), noise.device)
-    if cache is not None:
-        with dist.fail_together():  # rank 0 writes; the others must not wait for it in vain
-            save_state(
-                cache, {"format": TEACHER_FORMAT, "identity": identity, "endpoints": out.cpu()}
-            )
+    if cache is not None:  # rank 0 writes (a failure reaches the others: atomic_write)
+        save_state(cache, {"format": TEACHER_FORMAT, "identity": identity, "endpoints": out.cpu()})
     return out
 
 
@@ -697,11 +705,7 @@ def learn_best_sampler(
     if unknown:  # a misspelt family is an error, not a family that cannot spend the budget
         raise ConfigError(f"unknown solver {unknown[0]!r}; choose from {', '.join(SOLVERS)}")
     results: dict[str, LearnResult] = {}
-    for solver in solvers:
-        try:
-            steps = steps_for(solver, nfe)
-        except ConfigError:
-            continue
+    for solver, steps in start_steps(solvers, nfe).items():
         init = (inits or {}).get(steps)
         sub = None if out_dir is None else Path(out_dir) / f"{solver}-nfe{nfe}"
         results[solver] = learn_sampler(

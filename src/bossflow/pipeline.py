@@ -10,7 +10,6 @@ Noises never overlap between stages: sample ``m`` of a stage is ``NoiseSource(se
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from .bellman import bellman_schedules, cost_matrix
 from .errors import ConfigError
 from .evaluation import EvalEntry, evaluate_methods, synchronize
 from .io import atomic_write_text, ensure_dir
-from .learn import steps_for
+from .learn import start_steps
 from .noise import STAGE_OFFSETS, NoiseSource, OffsetNoise
 from .schedule import edm, uniform
 from .solvers import reference_solve
@@ -117,8 +116,8 @@ class DemoConfig:
             raise ConfigError(
                 f"unknown learn_solvers entry {unknown[0]!r}; choose from {', '.join(SOLVERS)}"
             )
-        from .errors import BossflowError
-        from .learn import LearnConfig, _holdout, steps_for
+        from .learn import LearnConfig, _holdout
+        from .straighten.train import _holdout_indices
 
         try:  # the learning's own checks, now rather than at stage 3
             _holdout(self.learn_samples, LearnConfig().holdout)
@@ -128,21 +127,18 @@ class DemoConfig:
                 "held-out quarter; give at least 2"
             ) from None
         for k in sorted(set(self.learn_nfes) | set(self.boss_learn_nfes)):
-            possible = []
-            for solver in self.learn_solvers:
-                with contextlib.suppress(BossflowError):
-                    possible.append(steps_for(solver, k))
-            if not possible:
+            if not start_steps(self.learn_solvers, k):
                 raise ConfigError(
                     f"none of learn_solvers {', '.join(self.learn_solvers)} can spend exactly {k} "
                     "evaluations; add euler or ab2, or drop that NFE"
                 )
-        held = max(1, round(PAIR_HOLDOUT * self.pair_samples))
-        if held >= self.pair_samples:
+        try:  # the straightening runs' split of the pair noises
+            _holdout_indices(self.pair_samples, PAIR_HOLDOUT)
+        except ConfigError:
             raise ConfigError(
-                f"pair_samples {self.pair_samples}: the demo holds out {held} for the held-out "
-                "error and needs noises left to fine-tune on; give at least 2"
-            )
+                f"pair_samples {self.pair_samples} leaves no noise to fine-tune on after the "
+                "held-out tenth; give at least 2"
+            ) from None
         if self.eval_samples < 2:
             raise ConfigError(
                 f"eval_samples {self.eval_samples}: the Fréchet distance needs at least 2 samples"
@@ -203,11 +199,11 @@ def _schedule_stage(model, cfg: DemoConfig, out: Path, source: NoiseSource, prog
     shown = set(cfg.nfes) | set(cfg.straighten_nfes)
     # the learned samplers start from the Bellman times of their own step count (Heun at NFE 4:
     # the 2-step schedule), like `bossflow schedule --method learned`
-    starts = set()
-    for k in {*cfg.learn_nfes, *cfg.boss_learn_nfes}:
-        for solver in cfg.learn_solvers:
-            with contextlib.suppress(ConfigError):  # a family that cannot spend k is skipped
-                starts.add(steps_for(solver, k))
+    starts = {  # a family that cannot spend k is skipped
+        steps
+        for k in {*cfg.learn_nfes, *cfg.boss_learn_nfes}
+        for steps in start_steps(cfg.learn_solvers, k).values()
+    }
     schedules = bellman_schedules(cost, sorted(shown | starts))
     for k in sorted(shown):
         schedules[k].save(out / f"schedule_nfe{k}.json")

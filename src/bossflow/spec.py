@@ -72,6 +72,11 @@ class LoadedModel:
     dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The data's (low, high): (-1, 1) when centered, else (0, 1)."""
+        return (-1.0, 1.0) if self.centered else (0.0, 1.0)
+
     def to(self, device: torch.device | str) -> LoadedModel:
         self.field.to(device)
         return self
@@ -134,10 +139,6 @@ def _parse_shape(shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
     if not dims or min(dims) < 1:
         raise ConfigError(f"--shape must be positive integers like 3,32,32, got {shape!r}")
     return dims
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return ",".join(str(int(d)) for d in shape)
 
 
 def _trained_on(source: str) -> tuple[tuple[int, ...], str]:
@@ -230,7 +231,7 @@ def load_model(
     convention: str | None = None,
     shape: str | tuple[int, ...] | None = None,
     device: str | torch.device = "cpu",
-    weights: str = "ema",
+    weights: str | None = None,
     sample_keyword: str | None = None,
     timestep_scale: float | None = None,
 ) -> LoadedModel:
@@ -238,7 +239,8 @@ def load_model(
 
     The same specs as the command line's ``--model``: ``load_model("digits")`` is the shipped
     model, ``load_model("mypkg.nets:make", shape="2")`` a network of your own. The result's
-    ``.field`` is the velocity field and ``.sample_shape`` the shape of one sample.
+    ``.field`` is the velocity field and ``.sample_shape`` the shape of one sample. ``weights``
+    (``"ema"``, the default, or ``"model"``) picks a rectified-flow checkpoint's weight set.
 
     Raises:
         ConfigError: the spec is unknown or malformed, or an option does not fit it.
@@ -257,10 +259,15 @@ def load_model(
             f"{', '.join(given)} set how a package.module:callable model is called; {spec!r} "
             "brings its own convention: drop it"
         )
+    if weights is not None and not spec.startswith("rectified-flow:"):
+        raise ConfigError(
+            f"--weights picks the EMA or raw weights of a rectified-flow checkpoint; {spec!r} has "
+            "one set: drop it"
+        )
     if spec in BUILTIN_MODELS:
         loaded = BUILTIN_MODELS[spec](checkpoint=checkpoint)
     elif spec.startswith("rectified-flow:"):
-        loaded = _load_rectified_flow(spec.split(":", 1)[1], checkpoint, weights, device)
+        loaded = _load_rectified_flow(spec.split(":", 1)[1], checkpoint, weights or "ema", device)
     elif ":" in spec:
         options = _convention_options(convention, sample_keyword, timestep_scale)
         loaded = _load_callable(spec, checkpoint, convention, _parse_shape(shape), options)
@@ -270,9 +277,10 @@ def load_model(
         given = _parse_shape(shape)
         fixed = spec in ("digits", "digits-cond") or spec.startswith("rectified-flow:")
         if fixed and given != tuple(loaded.sample_shape):  # their data and metrics are that size
+            mine = ",".join(map(str, loaded.sample_shape))
             raise ConfigError(
-                f"--shape {_shape_str(given)} differs from the {_shape_str(loaded.sample_shape)} "
-                f"samples {spec!r} was trained on; drop --shape"
+                f"--shape {','.join(map(str, given))} differs from the {mine} samples {spec!r} "
+                "was trained on; drop --shape"
             )
         loaded.sample_shape = given
     loaded.field.eval()

@@ -518,8 +518,7 @@ def cost_matrix(
                 states, vels = fine_trajectories(field, z, fine, take_cond(rows))
                 acc.update(batch_costs(states, vels, fine.times, metric))
             if cache is not None:
-                with dist.fail_together():  # the others would wait for rank 0 in the next round
-                    acc.save(cache)  # rank 0 only (atomic_write)
+                acc.save(cache)  # rank 0 only (atomic_write; a failure reaches the others)
             if bar is not None:
                 bar.update(len(rows))
     finally:

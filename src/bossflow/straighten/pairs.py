@@ -632,6 +632,5 @@ def _distributed_round(
     covered = end - manifest["count"]
     manifest["shards"].extend(entries)
     manifest["count"] = end
-    with dist.fail_together():  # the others would wait for rank 0 in the next round
-        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # rank 0 only
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # rank 0 only
     return covered

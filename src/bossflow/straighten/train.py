@@ -857,6 +857,9 @@ def straighten(
     # the model: a private copy, fully trainable or with LoRA adapters only
     base_fingerprint = module_fingerprint(field_module)
     model = copy.deepcopy(field_module)
+    # trained in the plain layout: weights a --channels-last teacher left channels-last are not
+    # what FSDP2 shards (it refuses them), nor what the caller's own training would use
+    model.to(memory_format=torch.contiguous_format)
     device, dtype = _device_of(model), _dtype_of(model)
     generator = torch.Generator().manual_seed(config.seed)
     if config.lora_rank > 0:
@@ -882,7 +885,6 @@ def straighten(
             "FlowMatchingField(model, batched_time=True) (it must take a (B,) time), or use ddp"
         )
     if sharded:  # FSDP2, in place: the parameters become shards (DTensors)
-        model.to(memory_format=torch.contiguous_format)  # FSDP2 shards contiguous weights only
         sharding.shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
     model.train()
