@@ -261,3 +261,18 @@ def test_a_failed_rank_zero_write_is_published_to_the_other_ranks(tmp_path, monk
     with pytest.raises(BossflowError, match="could not write") as err:
         atomic_write(tmp_path / "cost_matrix.npz", full_disk)
     assert published == [err.value]
+
+
+def test_a_lock_file_removed_while_being_locked_is_locked_again(tmp_path, monkeypatch):
+    """The holder removes an unused lock file as it ends (while still holding it): a run that
+    opened the old file then locks a file no path names, and must lock the one there now."""
+    import bossflow.io as io
+
+    answers = iter([False, True])  # the first file was replaced, the second is the one there
+    real = io._same_file
+    monkeypatch.setattr(io, "_same_file", lambda fd, path: next(answers) and real(fd, path))
+    with output_lock(tmp_path, "second try"):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()} second try\n"
+    monkeypatch.setattr(io, "_same_file", lambda fd, path: False)
+    with pytest.raises(BossflowError, match="kept being replaced"), output_lock(tmp_path):
+        pass
