@@ -755,6 +755,13 @@ def _seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.default_generators[index].manual_seed(seed)
 
 
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A private copy of ``module`` in the plain (contiguous) layout: weights a --channels-last
+    teacher left channels-last are not what FSDP2 shards (it refuses them), what the returned
+    module should hold (load_state_dict keeps a layout), nor what the caller's own training uses."""
+    return copy.deepcopy(module).to(memory_format=torch.contiguous_format)
+
+
 def check_batch_split(batch_size: int, option: str = "batch_size") -> int:
     """The number of processes, when the global ``batch_size`` splits evenly over them.
 
@@ -856,10 +863,7 @@ def straighten(
 
     # the model: a private copy, fully trainable or with LoRA adapters only
     base_fingerprint = module_fingerprint(field_module)
-    model = copy.deepcopy(field_module)
-    # trained in the plain layout: weights a --channels-last teacher left channels-last are not
-    # what FSDP2 shards (it refuses them), nor what the caller's own training would use
-    model.to(memory_format=torch.contiguous_format)
+    model = _plain_copy(field_module)
     device, dtype = _device_of(model), _dtype_of(model)
     generator = torch.Generator().manual_seed(config.seed)
     if config.lora_rank > 0:
@@ -1044,7 +1048,7 @@ def straighten(
         run.ema.copy_to()
     if sharded:  # gather the shards into a plain module of the input's architecture
         full = sharding.full_model_state(model, everywhere=True)
-        model = copy.deepcopy(field_module)
+        model = _plain_copy(field_module)
         model.load_state_dict(full)
     lora = None
     if config.lora_rank > 0:
