@@ -379,6 +379,43 @@ def test_cli_commands_under_torchrun_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_guided_demo_under_torchrun_is_the_one_process_demo(tmp_path):
+    """``torchrun -m bossflow demo --model digits-cond``: every stage (schedules, BOSS full and
+    LoRA, reflow, learned samplers, evaluation) on two ranks, guided and conditioned by sample
+    index, writes the files and records one process writes."""
+    import json
+
+    from bossflow.cli import main
+
+    args = ["demo", "--quick", "--model", "digits-cond", "--iterations", "4"]
+    args += ["--pair-samples", "64", "--eval-samples", "32", "--quiet"]
+    run = torchrun("-m", "bossflow", *args, "--out", "two", cwd=tmp_path, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main([*args, "--out", "one"]) == 0
+
+    def files(where: str) -> list[str]:
+        root = tmp_path / where
+        return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())
+
+    assert files("two") == files("one")  # rank 0 alone writes, and nothing is left behind
+    two, one = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("two", "one"))
+    assert two["schedules"] == one["schedules"]
+    assert two["class_agreement"] == one["class_agreement"]
+    assert [(r["method"], r["nfe"]) for r in two["records"]] == [
+        (r["method"], r["nfe"]) for r in one["records"]
+    ]
+    assert {r["method"] for r in one["records"]} >= {"bellman", "learned", "boss", "boss-lora"}
+    for key in ("mse_to_reference", "frechet"):
+        np.testing.assert_allclose(
+            [r[key] for r in two["records"]], [r[key] for r in one["records"]], rtol=1e-4
+        )
+    for name, learned in one["learned_samplers"].items():
+        assert two["learned_samplers"][name]["chosen"] == learned["chosen"]
+
+
+@pytest.mark.slow
 def test_rectified_flow_checkpoint_straightens_on_two_ranks(tmp_path):
     """The README's torchrun example on NCSN++ (the tiny released-layout checkpoint of the
     fixtures): LoRA through DDP and full fine-tuning through FSDP2 give the one-process weights."""
