@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import BossflowError, ConfigError
 
 MODEL_HELP = (
-    "the model: a built-in name (digits, spiral), rectified-flow:CONFIG (cifar10, celeba_hq, "
+    "the model: a built-in name (digits, digits-cond, spiral), rectified-flow:CONFIG (cifar10, celeba_hq, "
     "church, bedroom, afhq_cat or a JSON config; needs --checkpoint), or package.module:callable "
     "returning an nn.Module"
 )
@@ -335,14 +335,15 @@ def add_model_options(
         "--sample-keyword",
         metavar="NAME",
         help="--convention diffusers: pass the latents as this keyword (transformers: "
-        "hidden_states; default: detected from the model)",
+        "hidden_states) (default: detected from the model)",
     )
     c.add_argument(
         "--timestep-scale",
         type=_positive_float,
         metavar="S",
-        help="--convention diffusers: timestep = S * sigma (SD3 and UNets 1000, FLUX 1; default: "
-        "detected); --convention rectified-flow: the time input scale (default 999)",
+        help="--convention diffusers: timestep = S * sigma (SD3 and UNets 1000, FLUX 1); "
+        "--convention rectified-flow: the time input scale (default: detected for diffusers "
+        "models, 999 for rectified-flow)",
     )
 
 
@@ -1372,8 +1373,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_name_list,
         default=None,
         help="layers that get LoRA adapters: names or name suffixes, comma-separated (e.g. "
-        "to_q,to_k,to_v,to_out.0); default: the attention, projection and feed-forward linears "
-        "of a diffusers model, every Linear and Conv2d of any other",
+        "to_q,to_k,to_v,to_out.0) (default: the attention, projection and feed-forward linears "
+        "of a diffusers model, every Linear and Conv2d of any other)",
     )
     p.add_argument(
         "--lora-alpha",

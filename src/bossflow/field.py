@@ -176,7 +176,7 @@ class RectifiedFlowField(nn.Module):
     def fingerprint_config(self) -> str:
         """What, beside the weights, makes this field another field (see module_fingerprint)."""
         # "euler-step": the velocity of the original Euler sampler, without the (1 - eps) factor
-        # bossflow 0.1.0 applied (caches made with that factor are another field's)
+        # earlier development builds applied (caches made with that factor are another field's)
         return f"rectified-flow: {self.extra_repr()}, euler-step"
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:

@@ -152,6 +152,8 @@ def test_model_errors_are_clear(noise):
         cost_matrix(lambda x, t: x * float("nan"), noise, grid=4)
     with pytest.raises(ModelOutputError, match="shape"):
         cost_matrix(lambda x, t: x[:, :1], noise, grid=4)
+    with pytest.raises(ModelOutputError, match="returned tuple.*wrap it with an adapter"):
+        cost_matrix(lambda x, t: (x, None), noise, grid=4)
     with pytest.raises(ConfigError, match="unknown metric"):
         cost_matrix(SpiralField(), noise, grid=4, metric="lpips")
 
