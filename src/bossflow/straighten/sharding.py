@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["shard", "full_tensor", "like", "full_model_state", "full_optimizer_state"]
+__all__ = [
+    "shard",
+    "full_tensor",
+    "full_on_rank_zero",
+    "like",
+    "full_model_state",
+    "gather_into",
+    "full_optimizer_state",
+]
 
 
 def _units(model: nn.Module, min_share: float = 0.05) -> list[nn.Module]:
@@ -76,6 +84,34 @@ def full_tensor(t: Any) -> Any:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def full_on_rank_zero(tensors: list[Any]) -> list[Any] | None:
+    """Sharded tensors gathered one at a time into CPU tensors on rank 0 (collective; ``None`` on
+    the other ranks): the device holds one full tensor at a time, not the whole list."""
+    from .. import distributed as dist
+
+    out = []
+    for t in tensors:
+        full = full_tensor(t)
+        if dist.is_rank_zero():
+            out.append(full.detach().cpu() if full is not t else full.detach().clone())
+        del full
+    return out if dist.is_rank_zero() else None
+
+
+def gather_into(sharded: nn.Module, plain: nn.Module) -> None:
+    """Copy a sharded model's weights into ``plain``, a module of its architecture, on every rank
+    (collective), one tensor at a time; the keys must match exactly."""
+    source, target = sharded.state_dict(), plain.state_dict()
+    if source.keys() != target.keys():
+        missing, extra = target.keys() - source.keys(), source.keys() - target.keys()
+        raise RuntimeError(f"sharded and plain keys differ: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for key, value in source.items():
+            full = full_tensor(value)
+            target[key].copy_(full)
+            del full
+
+
 def like(value: Tensor, reference: Tensor) -> Tensor:
     """A full tensor laid out like ``reference``: sharded the same way if it is a ``DTensor``."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -86,11 +122,11 @@ def like(value: Tensor, reference: Tensor) -> Tensor:
     return value
 
 
-def full_model_state(model: nn.Module, everywhere: bool = False) -> dict[str, Tensor]:
-    """The full state dict of a sharded model (collective): on rank 0 only, or on every rank."""
+def full_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """The full state dict of a sharded model on rank 0's CPU (collective; empty elsewhere)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
 
 

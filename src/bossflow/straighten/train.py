@@ -672,10 +672,10 @@ class _Run:
         if self.sharded:
             model = sharding.full_model_state(self.model)
             optimizer = sharding.full_optimizer_state(self.model, self.optimizer, self.param_names)
-            shadow = [sharding.full_tensor(e) for e in self.ema.shadow] if self.ema else []
+            shadow = sharding.full_on_rank_zero(self.ema.shadow) if self.ema else []
             best = s.best
             if best is not None:
-                best = {**best, "params": [sharding.full_tensor(t) for t in best["params"]]}
+                best = {**best, "params": sharding.full_on_rank_zero(best["params"])}
             if not dist.is_rank_zero():
                 return None
         else:
@@ -909,13 +909,17 @@ def straighten(
     )
     # what the loss sees: the network under the teacher's guidance, or bare (distilled)
     student = _student(model, teacher_guide, config.guidance, unguided)
-    # several processes: rank 0 reads and checks the checkpoint, the others get what it read
+    # several processes: rank 0 reads and checks the checkpoint, then the others read the file it
+    # checked (the output folder is one all processes see, as the pair shards need; sending the
+    # checkpoint would put its bytes on every device, where a sharded run has no room for them)
     ckpt = None
     if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
         with dist.fail_together():
             ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
             _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint, guidance)
-    ckpt = dist.broadcast_object(ckpt)
+    if dist.broadcast_object(ckpt is not None) and not dist.is_rank_zero():
+        with dist.fail_together():
+            ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
     if ckpt is not None:
         run.restore(ckpt, ckpt_path, device)
     state = run.state
@@ -946,6 +950,8 @@ def straighten(
                     student, pairs, schedule, heldout_idx, config.eval_batch_size, cond,
                     split=not sharded,
                 )  # fmt: skip
+                if sharded:  # every rank measured it: rank 0's value, so all select alike
+                    heldout = dist.broadcast_object(heldout)
                 if state.best is None or heldout < state.best["loss"]:
                     snapshot = [p.detach().clone() for p in params]
                     state.best = {"iteration": state.iteration, "loss": heldout, "params": snapshot}
@@ -1047,9 +1053,9 @@ def straighten(
     elif run.ema is not None:
         run.ema.copy_to()
     if sharded:  # gather the shards into a plain module of the input's architecture
-        full = sharding.full_model_state(model, everywhere=True)
-        model = _plain_copy(field_module)
-        model.load_state_dict(full)
+        plain = _plain_copy(field_module)
+        sharding.gather_into(model, plain)
+        model = plain
     lora = None
     if config.lora_rank > 0:
         lora = lora_adapter(model, config.lora_rank, config.lora_alpha)  # before merging
