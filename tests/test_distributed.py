@@ -108,6 +108,27 @@ def test_train_base_refuses_torchrun(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "b" / "digits.safetensors").exists()
 
 
+def test_ctrl_c_on_every_rank_prints_one_line_and_tells_the_others(tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches every process of a torchrun job: the first to publish it prints the one
+    line (it was printed once per rank); a rank interrupted alone publishes it for the others."""
+    from bossflow.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bossflow.spec.load_model", interrupted)
+    monkeypatch.chdir(tmp_path)
+    published = []
+    for name, value in (("is_distributed", True), ("rank", 1), ("world_size", 2)):
+        monkeypatch.setattr(dist, name, lambda *a, v=value: v)
+    for first in (False, True):
+        monkeypatch.setattr(dist, "report_failure", lambda err, f=first: published.append(err) or f)
+        assert main(["schedule", "--nfe", "2", "--samples", "4", "--quiet"]) == 130
+        err = capsys.readouterr().err
+        assert err.count("interrupted; rerun the same command to resume") == int(first)
+    assert [type(e) for e in published] == [KeyboardInterrupt] * 2
+
+
 def test_batch_that_does_not_split_is_refused_before_the_pairs(tmp_path, monkeypatch, capsys):
     """--batch-size 16 on 3 processes was refused by straighten() after every pair was made."""
     from bossflow.cli import main
@@ -125,9 +146,16 @@ def test_batch_that_does_not_split_is_refused_before_the_pairs(tmp_path, monkeyp
         "--batch-size 16 is split over 3 processes; pass a multiple of 3" in capsys.readouterr().err
     )
     assert not out.exists()  # no pairs
-    with pytest.raises(ConfigError, match="the demo's fine-tuning batch 32 is split over 3"):
+    with pytest.raises(ConfigError, match=r"fine-tuning batch \(--batch-size\) 32 is split over 3"):
         run_demo(tmp_path / "demo", DemoConfig.quick())
     assert not (tmp_path / "demo" / "schedule").exists()
+    # the demo's own option for it (the demo had none: its advice could not be followed)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet"]) == 2
+    assert "(--batch-size) 32 is split over 3 processes" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr("bossflow.pipeline.run_demo", lambda out, config, **kw: seen.append(config))
+    assert main(["demo", "--quick", "--batch-size", "33", "--out", str(tmp_path / "demo")]) == 0
+    assert seen[0].batch_size == 33 and seen[0].iterations == DemoConfig.quick().iterations
 
 
 @pytest.mark.slow

@@ -1074,7 +1074,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = DemoConfig.quick() if args.quick else DemoConfig()
     overrides = {
         k: getattr(args, k)
-        for k in ("seed", "iterations", "pair_samples", "eval_samples", "model", "guidance_scale")
+        for k in (
+            "seed",
+            "iterations",
+            "pair_samples",
+            "eval_samples",
+            "batch_size",
+            "model",
+            "guidance_scale",
+        )  # fmt: skip
         if getattr(args, k) is not None
     }
     config = replace(config, **overrides)
@@ -1456,6 +1464,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-samples", type=_positive, help=f"held-out evaluation noises {sizes('eval_samples')}"
     )
     p.add_argument(
+        "--batch-size",
+        type=_positive,
+        help="fine-tuning batch, split over the processes under torchrun (a multiple of their "
+        f"number) {sizes('batch_size')}",
+    )
+    p.add_argument(
         "--model",
         choices=["digits", "digits-cond"],
         default="digits",
@@ -1549,9 +1563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.report_failure(err)
         raise
     except KeyboardInterrupt:
-        again = "resume" if args.command in _RESUMES else "start again"
-        print(f"bossflow {args.command}: interrupted; rerun the same command to {again}",
-              file=sys.stderr)  # fmt: skip
+        # Ctrl-C reaches every rank: one message; a rank interrupted alone stops the others
+        if distributed.report_failure(KeyboardInterrupt("interrupted")):
+            again = "resume" if args.command in _RESUMES else "start again"
+            print(f"bossflow {args.command}: interrupted; rerun the same command to {again}",
+                  file=sys.stderr)  # fmt: skip
         return 130
     finally:
         distributed.shutdown()

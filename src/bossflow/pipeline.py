@@ -349,7 +349,7 @@ def _run_demo_locked(
     from .straighten.train import check_batch_split
 
     cfg = config or DemoConfig()
-    check_batch_split(cfg.batch_size, "the demo's fine-tuning batch")  # before stage 1
+    check_batch_split(cfg.batch_size, "the demo's fine-tuning batch (--batch-size)")  # first
     out = ensure_dir(out)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
