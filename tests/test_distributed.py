@@ -129,6 +129,21 @@ def test_ctrl_c_on_every_rank_prints_one_line_and_tells_the_others(tmp_path, mon
     assert [type(e) for e in published] == [KeyboardInterrupt] * 2
 
 
+def test_run_demo_from_python_prints_on_rank_zero_only(tmp_path, monkeypatch):
+    """run_demo called by every process of a torchrun job: the CLI silences the other ranks'
+    stdout, a Python caller relies on run_demo (its stage lines and bars came once per rank)."""
+    from bossflow import pipeline
+
+    seen = []
+    monkeypatch.setattr(
+        pipeline, "_run_demo_locked", lambda out, cfg, dev, progress: seen.append(progress)
+    )
+    for zero in (True, False):
+        monkeypatch.setattr(dist, "is_rank_zero", lambda z=zero: z)
+        pipeline.run_demo(tmp_path / "demo", progress=True)
+    assert seen == [True, False]
+
+
 def test_batch_that_does_not_split_is_refused_before_the_pairs(tmp_path, monkeypatch, capsys):
     """--batch-size 16 on 3 processes was refused by straighten() after every pair was made."""
     from bossflow.cli import main

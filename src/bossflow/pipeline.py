@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as dist
 from .bellman import bellman_schedules, cost_matrix
 from .errors import ConfigError
 from .evaluation import EvalEntry, evaluate_methods, synchronize
@@ -324,6 +325,9 @@ def run_demo(
     learned, BOSS, BOSS-LoRA, BOSS-learned, reflow and a fine reference on held-out noises ->
     ``report.md`` and ``results.json``.
 
+    Under torchrun every process calls it (the work is split by sample index); only rank 0
+    prints and writes the shared files.
+
     Returns:
         The path of ``report.md``.
 
@@ -332,6 +336,7 @@ def run_demo(
     """
     from .io import output_lock
 
+    progress = progress and dist.is_rank_zero()  # stage lines and bars: once per job
     with output_lock(out, "bossflow run_demo") as folder:
         return _run_demo_locked(folder, config, device, progress)
 
