@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -290,22 +291,25 @@ class DropoutField(TinyField):
     """TinyField with dropout in training mode and a fixed (non-trainable) input scale, like
     NCSN++'s dropout and its frozen Fourier features."""
 
-    def __init__(self):
+    def __init__(self, functional: bool = False):
         super().__init__()
         self.drop = nn.Dropout(0.3)
         self.fixed = nn.Parameter(torch.tensor(1.5), requires_grad=False)
         self.fourier = GaussianFourierProjection(2)  # NCSN++'s time features: W never trains
+        self.functional = functional  # F.dropout: torch's generators, not the row-keyed masks
 
     def forward(self, x, t):
         x = self.fixed * x + 0.1 * self.fourier(t)[:, :2]
-        return self.drop(super().forward(x, t))
+        h = super().forward(x, t)
+        return F.dropout(h, 0.3, self.training) if self.functional else self.drop(h)
 
 
 def test_dropout_is_seeded_per_step_and_per_rank_and_frozen_weights_stay_frozen(
     setup, monkeypatch, tmp_path
 ):
-    """Dropout masks come from (seed, rank, iteration): the same weights whatever torch's global
-    generator held, other masks on another rank (two processes must not share them), a resumed
+    """Dropout masks come from (seed, iteration, row): the same weights whatever torch's global
+    generator held and whichever process holds the rows; functional dropout draws from the
+    generators seeded by (seed, rank, iteration) (two processes must not share them); a resumed
     run equals the uninterrupted one; a weight the module does not train is not trained."""
     from bossflow.straighten import train as train_module
 
@@ -334,11 +338,20 @@ def test_dropout_is_seeded_per_step_and_per_rank_and_frozen_weights_stay_frozen(
         run(3, tmp_path / "r", stop=4)
     resumed, _ = run(4, tmp_path / "r")
     assert all(torch.equal(a[k], resumed[k]) for k in a)
-    # the same run's masks as process 1 of several would draw them
+    # the same run as process 1 of several: nn.Dropout's masks are the rows', F.dropout's its own
     real = train_module._step_seed
     monkeypatch.setattr(train_module, "_step_seed", lambda seed, rank, it: real(seed, 1, it))
     other, _ = run(1)
-    assert not torch.equal(a["net.0.weight"], other["net.0.weight"])
+    assert all(torch.equal(a[k], other[k]) for k in a)
+
+    def functional(rank):
+        monkeypatch.setattr(train_module, "_step_seed", lambda seed, _, it: real(seed, rank, it))
+        torch.manual_seed(0)
+        r = straighten(DropoutField(functional=True), train, schedule, cfg, progress=False)
+        return r.module.state_dict()["net.0.weight"]
+
+    assert torch.equal(functional(0), functional(0))
+    assert not torch.equal(functional(0), functional(1))
     # a module frozen for inference trains in full, except the parameters it declares fixed
     field.requires_grad_(False)
     frozen, module = run(1)

@@ -80,6 +80,7 @@ from .adapters import (
     raw_network,
     save_diffusers_model,
 )
+from .dropout import RowKeyedDropout
 from .pairs import PairStore, module_fingerprint
 
 __all__ = [
@@ -981,11 +982,13 @@ def straighten(
     )
     shown = None  # smoothed loss for the progress bar
     start_time = time.perf_counter()
-    # the model's own randomness (dropout) draws from torch's global generators: fork them and
-    # seed each step from (seed, rank, iteration), so a run is reproducible, resumes to the same
-    # weights, and the processes of a multi-process run draw different masks for their rows
+    # dropout layers draw masks keyed by (seed, iteration, layer, global row): N processes train
+    # with the masks of one process (straighten.dropout); any other randomness of the model draws
+    # from torch's global generators: forked, and seeded each step from (seed, rank, iteration),
+    # so a run is reproducible, resumes to the same weights, and processes draw different values
     rng = ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+    keyed = rng.enter_context(RowKeyedDropout(model, config.seed))
     try:
         while state.iteration < config.iterations:
             _seed_step(_step_seed(config.seed, dist.rank(), state.iteration), device)
@@ -996,18 +999,19 @@ def straighten(
             rows = random_rows(train_idx, config.batch_size, generator)
             x, t, target = objective.batch(pairs, cols, times, rows, generator, device, part)
             c = _to_device(take_cond(rows[part].tolist()), device)
-            with autocast():
-                # times at least float32; a model that raises is one error naming the call
-                pred = call_field(
-                    train_student, x.to(dtype), t.to(time_dtype(x)), "the model", False, c
-                )
-            if pred.shape != target.shape:  # mse_loss would broadcast silently
-                raise ModelOutputError(
-                    f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
-                )
-            loss = F.mse_loss(pred.float(), target)  # float32 whatever the model's dtype
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with keyed.step(state.iteration, part.start, len(x), config.batch_size):
+                with autocast():
+                    # times at least float32; a model that raises is one error naming the call
+                    pred = call_field(
+                        train_student, x.to(dtype), t.to(time_dtype(x)), "the model", False, c
+                    )
+                if pred.shape != target.shape:  # mse_loss would broadcast silently
+                    raise ModelOutputError(
+                        f"the field returned shape {tuple(pred.shape)} for input {tuple(x.shape)}"
+                    )
+                loss = F.mse_loss(pred.float(), target)  # float32 whatever the model's dtype
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             run.optimizer.step()
