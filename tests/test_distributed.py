@@ -495,7 +495,9 @@ def test_rectified_flow_checkpoint_straightens_on_two_ranks(tmp_path):
             load_file(tmp_path / folder / "model.safetensors")
             for folder in (f"two-{name}", f"one-{name.split('-')[0]}")
         )
-        assert max_rel(two, one) <= 1e-4, name
+        # measured 7e-8 (LoRA), 5e-7 (full), 3e-6 (channels-last); per-process dropout masks
+        # were 7e-5 and 2e-4 off
+        assert max_rel(two, one) <= 1e-5, name
         moved = max(float((one[k] - original[k]).abs().max()) for k in one)
         assert moved > 1e-6, name  # the runs trained
 
