@@ -545,6 +545,31 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_nodes_without_a_shared_output_folder_are_told_so(tmp_path):
+    """Two "nodes" whose --out is not the same folder (each rank in its own working directory):
+    the rank that cannot read rank 0's pairs says the folder must be shared, not "make one with
+    make_pairs"."""
+    from bossflow.schedule import uniform
+
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+        uniform(2).save(tmp_path / node / "s.json")
+    (tmp_path / "node.py").write_text(
+        "import os, sys\nos.chdir(f\"node{os.environ['LOCAL_RANK']}\")\n"
+        "from bossflow.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    run = torchrun(
+        "node.py", "straighten", "--schedule", "s.json", "--pairs", "8", "--iterations", "2",
+        "--batch-size", "4", "--out", "b", "--quiet", cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("bossflow straighten: error:")]
+    assert len(lines) == 1, run.stderr[-3000:]
+    assert "[rank 1/2] rank 0 wrote the pairs in b/pairs, which this process cannot" in lines[0]
+    assert "must be one folder that all processes (all nodes) see" in lines[0]
+
+
+@pytest.mark.slow
 def test_failing_rank_ends_the_job_with_its_message(tmp_path):
     (tmp_path / "failmod.py").write_text(_FAILING_MODULE)
     start = time.monotonic()

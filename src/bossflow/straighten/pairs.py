@@ -554,7 +554,28 @@ def make_pairs(
         if bar is not None:
             bar.close()
     dist.barrier()  # rank 0 has written the last manifest
-    return PairStore.open(path)
+    if not dist.is_distributed():
+        return PairStore.open(path)
+    # every rank reads the store rank 0 finished (training draws the same batches from it)
+    shared = (
+        "the output folder must be one folder that all processes (all nodes) see, with their "
+        "writes visible to each other"
+    )
+    with dist.fail_together():
+        try:
+            store = PairStore.open(path)
+        except CheckpointError as err:
+            if dist.is_rank_zero():
+                raise
+            raise ConfigError(
+                f"rank 0 wrote the pairs in {path}, which this process cannot read ({err}); {shared}"
+            ) from None
+    counts = dist.all_gather_object(len(store))
+    if len(set(counts)) > 1:
+        raise ConfigError(
+            f"the processes read different pair stores in {path} ({counts}); {shared}"
+        )
+    return store
 
 
 def _start_manifest(
