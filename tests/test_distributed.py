@@ -319,6 +319,47 @@ class Net(torch.nn.Module):
 """
 
 
+_UNUSED_MODULE = """\
+import torch
+
+class Net(torch.nn.Module):
+    sample_shape = (2,)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
+        self.head = torch.nn.Linear(4, 4)  # trainable, never called (an unused head, say)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x, t[:, None]], 1))
+"""
+
+
+@pytest.mark.slow
+def test_a_model_with_unused_parameters_trains_as_on_one_process(tmp_path):
+    """DDP's default stops at the second step of a model whose loss leaves a trainable parameter
+    unused ("Expected to have finished reduction…"); one process trains it fine."""
+    from safetensors.torch import load_file
+
+    from bossflow.cli import main
+
+    (tmp_path / "unused.py").write_text(_UNUSED_MODULE)
+    model = ["--model", "unused:Net"]
+    train = ["straighten", *model, "--schedule", "s/schedule_nfe2.json", "--pairs", "16"]
+    train += ["--iterations", "3", "--batch-size", "4", "--quiet"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        mp.syspath_prepend(str(tmp_path))
+        args = ["schedule", *model, "--nfe", "2", "--kmax", "10", "--samples", "8", "--quiet"]
+        assert main([*args, "--out", "s"]) == 0
+        assert main([*train, "--out", "one"]) == 0
+    run = torchrun("-m", "bossflow", *train, "--out", "two", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two, one = (load_file(tmp_path / w / "model.safetensors") for w in ("two", "one"))
+    assert max_rel(two, one) <= 1e-5
+
+
 def test_no_option_is_taken_by_torchrun():
     """torchrun parses the options after ``-m bossflow CMD`` for abbreviations of its own: an
     option of ours that is a prefix of one of torchrun's (``--n`` of ``--nnodes``) would stop the

@@ -934,8 +934,14 @@ def straighten(
         sync = "forward_sync_buffers"
         if sync not in inspect.signature(ddp_class.__init__).parameters:
             sync = "broadcast_buffers"
+        # static_graph: every step makes the same calls, so DDP learns once which trainable
+        # parameters the loss uses (a model with unused ones trains as on one process, where
+        # DDP's default stopped at the second step) and recomputation is allowed
         ddp = ddp_class(
-            model, device_ids=[device] if device.type == "cuda" else None, **{sync: False}
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            static_graph=True,
+            **{sync: False},
         )
         train_student = _student(ddp, teacher_guide, config.guidance, unguided)
 
