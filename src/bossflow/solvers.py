@@ -272,7 +272,9 @@ def reference_solve(
     :func:`sample` on the uniform grid of ``steps`` intervals. ``cond`` as in :func:`sample`.
 
     In a multi-process run (torchrun) the B noises are split over the processes and the
-    endpoints gathered: every process gets all B.
+    endpoints gathered: every process gets all B. The fixed-step methods give the one-process
+    endpoints (to rounding); dopri5 controls its steps on the error of the block it solves, so
+    its endpoints depend on how the noises are split (batches, processes) within its tolerances.
 
     Returns:
         (B, ...) states at t = 1, dtype and device of ``noise``.
