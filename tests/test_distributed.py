@@ -587,9 +587,11 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_nodes_without_a_shared_output_folder_are_told_so(tmp_path):
-    """Two "nodes" whose --out is not the same folder (each rank in its own working directory):
-    the rank that cannot read rank 0's pairs says the folder must be shared, not "make one with
-    make_pairs"."""
+    """Two "nodes" whose --out is not one folder (each rank in its own working directory), where
+    node 0 holds a finished run: the rank that cannot read rank 0's pairs, then its checkpoint,
+    says the folder must be shared (it said "make one with make_pairs" / "not necessarily
+    damaged"); ranks that read different checkpoints are refused."""
+    from bossflow.cli import main
     from bossflow.schedule import uniform
 
     for node in ("node0", "node1"):
@@ -599,15 +601,29 @@ def test_nodes_without_a_shared_output_folder_are_told_so(tmp_path):
         "import os, sys\nos.chdir(f\"node{os.environ['LOCAL_RANK']}\")\n"
         "from bossflow.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
-    run = torchrun(
-        "node.py", "straighten", "--schedule", "s.json", "--pairs", "8", "--iterations", "2",
-        "--batch-size", "4", "--out", "b", "--quiet", cwd=tmp_path, timeout=60,
-    )  # fmt: skip
-    assert run.returncode != 0
-    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("bossflow straighten: error:")]
-    assert len(lines) == 1, run.stderr[-3000:]
-    assert "[rank 1/2] rank 0 wrote the pairs in b/pairs, which this process cannot" in lines[0]
-    assert "must be one folder that all processes (all nodes) see" in lines[0]
+    args = ["straighten", "--schedule", "s.json", "--pairs", "8", "--iterations", "2"]
+    args += ["--batch-size", "4", "--out", "b", "--quiet"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "node0")
+        assert main(args) == 0
+
+    def error() -> str:
+        run = torchrun("node.py", *args, cwd=tmp_path, timeout=60)
+        assert run.returncode != 0
+        lines = [ln for ln in run.stderr.splitlines() if ln.startswith("bossflow straighten: e")]
+        assert len(lines) == 1, run.stderr[-3000:]
+        assert "must be one folder that all processes (all nodes) see" in lines[0]
+        return lines[0]
+
+    assert "[rank 1/2] rank 0 wrote the pairs in b/pairs, which this process cannot" in error()
+    shutil.rmtree(tmp_path / "node1" / "b")  # what rank 1 began there
+    shutil.copytree(tmp_path / "node0" / "b" / "pairs", tmp_path / "node1" / "b" / "pairs")
+    assert "[rank 1/2] rank 0 resumes from b/train/checkpoint.pt, which this process" in error()
+    ckpt = torch.load(tmp_path / "node0" / "b" / "train" / "checkpoint.pt", weights_only=False)
+    ckpt["wall_s"] += 1.0  # another (stale) copy of the same run
+    (tmp_path / "node1" / "b" / "train").mkdir(exist_ok=True)
+    torch.save(ckpt, tmp_path / "node1" / "b" / "train" / "checkpoint.pt")
+    assert "the processes read different checkpoints in b/train/checkpoint.pt" in error()
 
 
 @pytest.mark.slow

@@ -75,6 +75,25 @@ def test_flow_matching_adapter_passes_scalar_time_and_extras():
     torch.testing.assert_close(mixed[:, 0], torch.tensor([0.1, 0.2, 0.1, 0.3]))
 
 
+def test_flow_matching_time_detection_is_not_fooled_by_dropout():
+    """A model that takes a (B,) time, in training mode with dropout: the two ways of calling it
+    draw other masks, which made the detection settle on one call per time."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)
+
+        def forward(self, x, t):
+            return self.drop(self.lin(torch.cat([x, t.expand(x.shape[0])[:, None]], 1)))
+
+    field = FlowMatchingField(Net()).train()
+    field.network.lin.eval()  # a submodule its owner keeps in eval mode stays so
+    field(torch.ones(4, 2), torch.tensor([0.1, 0.2, 0.1, 0.3]))
+    assert field.batched_time is True
+    assert field.network.training and field.network.drop.training and not field.network.lin.training
+
+
 def test_flow_matching_solver_agrees_with_our_euler_on_our_grid():
     fm = pytest.importorskip("flow_matching", reason="flow_matching not installed")
     from flow_matching.solver import ODESolver

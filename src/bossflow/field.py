@@ -14,6 +14,8 @@ small adapters below; each states its mapping, so no hidden constant lives anywh
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -32,6 +34,7 @@ __all__ = [
     "SpiralField",
     "Guided",
     "time_batch",
+    "eval_mode",
     "check_velocity",
     "call_field",
     "bind_cond",
@@ -67,6 +70,20 @@ def time_batch(t: float | Tensor, x: Tensor) -> Tensor:
     if t.shape != (x.shape[0],):
         raise ConfigError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
     return t
+
+
+@contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """Eval mode (dropout off) for the block, then every submodule's own mode back (a module
+    in training mode may hold submodules its owner keeps in eval mode). Not a module: no-op."""
+    modes = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
+    if modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def check_velocity(v: Any, x: Tensor, where: str = "the velocity field") -> Tensor:
@@ -357,11 +374,13 @@ class FlowMatchingField(nn.Module):
             return self._per_time(x, t, cond)
         if self.batched_time:
             return self._call(x, t, cond)
+        training = getattr(self.network, "training", False)  # a plain callable: no dropout
         reference = self._per_time(x, t, cond)
         try:
-            with torch.no_grad():
+            # compared without dropout: in training mode the two ways would draw other masks
+            with torch.no_grad(), eval_mode(self.network):
+                ref = self._per_time(x, t, cond) if training else reference.detach()
                 batched = self._call(x, t, cond)
-            ref = reference.detach()
             same = batched.shape == ref.shape and bool(
                 torch.allclose(batched, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
             )

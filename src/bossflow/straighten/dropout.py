@@ -4,23 +4,25 @@ A straightening step trains on one global batch, split over the processes (each 
 ``start .. start + n``). torch's dropout draws the masks of the rows a process holds from that
 process's generator, so with dropout a run on N processes is not the one-process run with the same
 batch (other masks), and a run resumed at another N continues differently. While a step runs,
-:class:`RowKeyedDropout` gives every ``nn.Dropout`` / ``nn.Dropout1d/2d/3d`` of the model (p > 0,
-training mode) the rows ``start .. start + n`` of a mask drawn for the *whole* batch from a
-generator seeded by (seed, iteration, layer, call): row b gets the same mask whichever process
-holds it. One process draws exactly what torch's dropout draws (one ``rand`` per call, on the
-layer's device); N processes each draw the whole batch's mask and keep their rows (N times the
-random numbers, a small cost next to the convolutions around a dropout layer).
+:class:`RowKeyedDropout` gives every ``nn.Dropout`` / ``nn.Dropout1d/2d/3d`` of the model
+(0 < p < 1, training mode) the rows ``start .. start + n`` of a mask drawn for the *whole* batch
+from a generator seeded by (seed, iteration, layer, call): row b gets the same mask whichever
+process holds it. The work of one process is that of torch's dropout (one ``rand`` per call, on
+the layer's device); each of N processes draws the whole batch's mask and keeps its rows, so it
+draws N times the random numbers, and holds a float32 ``(batch, *shape)`` tensor for the call.
 
-Inputs whose first dimension is k times the process's rows (a guided model's ``cat([x, x])``) are
-read as k blocks of those rows. Anything else (functional dropout, other dropout classes, another
-first dimension) keeps torch's own dropout, drawn from the global generators the training loop
-seeds per step and process. The masks are the same for processes on the same kind of device.
+Only inputs whose first dimension is the process's rows are keyed (``blocks`` times them for a
+guided student, whose model sees ``cat([x, x])``). Anything else (another first dimension,
+functional dropout, attention's ``dropout_p``, other dropout classes, subclasses with their own
+``forward``) keeps torch's own dropout, drawn from the global generators the training loop seeds
+per step and process, and so depends on the number of processes. The masks are the same for
+processes on the same kind of device.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -31,7 +33,8 @@ from ..errors import ConfigError
 
 __all__ = ["RowKeyedDropout", "keep_mask"]
 
-_KEYED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+#: the context of the training step running in this process (one straightening run at a time)
+_ACTIVE: RowKeyedDropout | None = None
 
 
 def _key(*values: int) -> int:
@@ -49,14 +52,51 @@ def keep_mask(
     return u[rows] >= p
 
 
+class _Keyed:
+    """Mixin of the keyed dropout classes: the layer's ``forward`` asks the active step."""
+
+    _bossflow_index: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _ACTIVE is None or not self.training:
+            return super().forward(x)
+        return _ACTIVE.apply(self, x, super().forward)
+
+
+class _KeyedDropout(_Keyed, nn.Dropout):
+    pass
+
+
+class _KeyedDropout1d(_Keyed, nn.Dropout1d):
+    pass
+
+
+class _KeyedDropout2d(_Keyed, nn.Dropout2d):
+    pass
+
+
+class _KeyedDropout3d(_Keyed, nn.Dropout3d):
+    pass
+
+
+# torch's class -> (keyed class, ndim of a batched input: None for any, else channel-wise masks)
+_KEYED: dict[type, tuple[type, int | None]] = {
+    nn.Dropout: (_KeyedDropout, None),
+    nn.Dropout1d: (_KeyedDropout1d, 3),
+    nn.Dropout2d: (_KeyedDropout2d, 4),
+    nn.Dropout3d: (_KeyedDropout3d, 5),
+}
+
+
 class RowKeyedDropout:
     """Row-keyed dropout for the dropout layers of ``model`` while :meth:`step` blocks run.
 
-    ``with RowKeyedDropout(model, seed) as keyed:`` patches the layers (their ``forward``; the
-    state dict is untouched) and restores them on exit; ``with keyed.step(iteration, start, n,
-    total):`` keys the masks of one training step whose forward passes see rows
-    ``start .. start + n`` of a global batch of ``total``. Outside a step the layers behave as
-    torch's.
+    ``with RowKeyedDropout(model, seed) as keyed:`` gives the layers a keyed class (a subclass
+    of their own, importable, so the model still pickles; the state dict is untouched) and
+    restores their class on exit; ``with keyed.step(iteration, start, n, total, blocks):`` keys
+    the masks of one training step whose forward passes see rows ``start .. start + n`` of a
+    global batch of ``total`` (``blocks`` times: a guided student's ``cat([x, x])``). Outside a
+    step the layers behave as torch's.
     """
 
     def __init__(self, model: nn.Module, seed: int):
@@ -64,58 +104,75 @@ class RowKeyedDropout:
         self.layers = [
             (index, m)
             for index, m in enumerate(model.modules())
-            if isinstance(m, _KEYED) and m.p > 0
+            if type(m) in _KEYED and 0 < m.p < 1
         ]
-        self._step: tuple[int, int, int, int] | None = None
+        self._step: tuple[int, int, int, int, int] | None = None
         self._calls: dict[int, int] = {}
         self._recomputed: dict[int, int] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned = False
 
     def __enter__(self) -> RowKeyedDropout:
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise RuntimeError("another straightening run's keyed dropout is active")
+        _ACTIVE = self
         for index, layer in self.layers:
-            layer.forward = lambda x, i=index, m=layer: self._forward(i, m, x)
+            layer.__class__ = _KEYED[type(layer)][0]
+            layer._bossflow_index = index
         return self
 
     def __exit__(self, *exc: object) -> None:
+        global _ACTIVE
+        _ACTIVE = None
         for _, layer in self.layers:
-            layer.__dict__.pop("forward", None)
+            layer.__class__ = type(layer).__mro__[2]  # _KeyedDropout -> _Keyed -> nn.Dropout
+            del layer._bossflow_index
 
     @contextmanager
-    def step(self, iteration: int, start: int, rows: int, total: int) -> Iterator[None]:
+    def step(
+        self, iteration: int, start: int, rows: int, total: int, blocks: int = 1
+    ) -> Iterator[None]:
         """Key the masks of one step: this process holds rows ``start .. start + rows`` of a
-        global batch of ``total``."""
-        if start < 0 or rows < 1 or start + rows > total:
+        global batch of ``total``; the model sees them ``blocks`` times (stacked)."""
+        if start < 0 or rows < 1 or start + rows > total or blocks < 1:
             raise ValueError(f"rows {start}..{start + rows} are not rows of a batch of {total}")
-        self._step, self._calls, self._recomputed = (iteration, start, rows, total), {}, {}
+        self._step = (iteration, start, rows, total, blocks)
+        self._calls, self._recomputed = {}, {}
         try:
             yield
         finally:
             self._step = None
 
-    def _forward(self, index: int, layer: nn.Module, x: Tensor) -> Tensor:
-        if not layer.training or self._step is None:
-            return type(layer).forward(layer, x)
-        iteration, start, rows, total = self._step
-        channel_wise = not isinstance(layer, nn.Dropout)  # Dropout1d/2d/3d: (N, C, *) masks
-        batched_ndim = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}.get(type(layer))
-        if x.ndim == 0 or x.shape[0] % rows or (channel_wise and x.ndim != batched_ndim):
+    def apply(self, layer: nn.Module, x: Tensor, plain: Callable[[Tensor], Tensor]) -> Tensor:
+        """``layer``'s dropout of ``x`` (``plain``: torch's, for inputs that are not rows)."""
+        if self._step is None:
+            return plain(x)
+        iteration, start, rows, total, blocks = self._step
+        batched_ndim = _KEYED[type(layer).__mro__[2]][1]
+        if (
+            x.ndim == 0
+            or x.shape[0] != rows * blocks
+            or (batched_ndim is not None and x.ndim != batched_ndim)
+        ):
             if not self._warned and torch.distributed.is_initialized():
                 self._warned = True
                 warnings.warn(
-                    f"dropout layer {type(layer).__name__} saw input {tuple(x.shape)}, not rows of "
-                    f"the batch ({rows} here): its masks depend on the number of processes",
-                    stacklevel=2,
+                    f"dropout layer {type(layer).__mro__[2].__name__} saw input "
+                    f"{tuple(x.shape)}, not the batch's {rows * blocks} rows: its masks depend on "
+                    "the number of processes",
+                    stacklevel=3,
                 )
-            return type(layer).forward(layer, x)
+            return plain(x)
+        index = layer._bossflow_index
         # the call's number: a layer may run several times per forward pass; a recomputation
         # (gradient checkpointing, inside the backward pass) repeats the forward pass's masks
         if getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
             if self._calls.get(index, 0) > 1:
                 raise ConfigError(
-                    f"dropout layer {type(layer).__name__} runs {self._calls[index]} times per "
-                    "forward pass and the model recomputes activations (gradient checkpointing): "
-                    "turn gradient checkpointing off, or dropout (p = 0), to straighten it"
+                    f"a dropout layer runs {self._calls[index]} times per forward pass and the "
+                    "model recomputes activations (gradient checkpointing): turn gradient "
+                    "checkpointing off, or that dropout (p = 0), to straighten it"
                 )
             call = self._recomputed.get(index, 0)
             self._recomputed[index] = call + 1
@@ -125,14 +182,16 @@ class RowKeyedDropout:
         generator = self._generators.get(x.device)
         if generator is None:
             generator = self._generators[x.device] = torch.Generator(x.device)
-        shape = tuple(x.shape[1:2]) if channel_wise else tuple(x.shape[1:])
+        shape = tuple(x.shape[1:2]) if batched_ndim else tuple(x.shape[1:])
         part = slice(start, start + rows)
         keep = torch.cat(
             [keep_mask(generator, _key(self.seed, iteration, index, call, j), total, part, shape,
                        layer.p)
-             for j in range(x.shape[0] // rows)]
+             for j in range(blocks)]
         )  # fmt: skip
-        if channel_wise:
+        if batched_ndim:
             keep = keep.view(*keep.shape, *([1] * (x.ndim - 2)))
-        scale = keep.to(x.dtype) * (1.0 / (1.0 - layer.p))
-        return x.mul_(scale) if layer.inplace else x * scale
+        scale = 1.0 / (1.0 - layer.p)  # a Python float: not rounded to a half-precision x
+        if layer.inplace:
+            return x.mul_(keep).mul_(scale)
+        return (x * keep).mul_(scale)

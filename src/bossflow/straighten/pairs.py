@@ -557,10 +557,7 @@ def make_pairs(
     if not dist.is_distributed():
         return PairStore.open(path)
     # every rank reads the store rank 0 finished (training draws the same batches from it)
-    shared = (
-        "the output folder must be one folder that all processes (all nodes) see, with their "
-        "writes visible to each other"
-    )
+    shared = dist.SHARED_FOLDER
     with dist.fail_together():
         try:
             store = PairStore.open(path)

@@ -36,8 +36,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from ..field import (
     Guided,
     Unguided,
     call_field,
+    eval_mode,
     guidance_identity,
     time_batch,
     time_dtype,
@@ -306,19 +307,6 @@ def _dtype_of(module: Any) -> torch.dtype:
     return torch.float32
 
 
-@contextmanager
-def _eval_mode(module: Any) -> Iterator[None]:
-    """Put a module in eval mode (dropout off) for the block, then restore its mode."""
-    was_training = isinstance(module, nn.Module) and module.training
-    if was_training:
-        module.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            module.train()
-
-
 def eval_interval_error(
     field: Callable[[Tensor, Tensor], Tensor],
     pairs: PairStore,
@@ -356,7 +344,7 @@ def eval_interval_error(
     device, dtype = _device_of(field), _dtype_of(field)
     take_cond = _pairs_cond(pairs, cond)
     total = 0.0
-    with torch.no_grad(), _eval_mode(field):
+    with torch.no_grad(), eval_mode(field):
         for a in range(0, idx.size, batch_size):
             c = _to_device(take_cond(idx[a : a + batch_size].tolist()), device)
             # States stay in float32 (at least); only the model's input is in the model's dtype.
@@ -920,7 +908,20 @@ def straighten(
             _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint, guidance)
     if dist.broadcast_object(ckpt is not None) and not dist.is_rank_zero():
         with dist.fail_together():
-            ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
+            try:
+                ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
+            except CheckpointError as err:
+                raise ConfigError(
+                    f"rank 0 resumes from {ckpt_path}, which this process cannot read ({err}); "
+                    f"{dist.SHARED_FOLDER}"
+                ) from None
+    if ckpt is not None and dist.is_distributed():  # the file rank 0 checked, on every rank
+        seen = dist.all_gather_object((ckpt["iteration"], len(ckpt["history"]), ckpt["wall_s"]))
+        if len(set(seen)) > 1:
+            raise ConfigError(
+                f"the processes read different checkpoints in {ckpt_path} (iteration, records, "
+                f"wall time by rank: {seen}); {dist.SHARED_FOLDER}"
+            )
     if ckpt is not None:
         run.restore(ckpt, ckpt_path, device)
     state = run.state
@@ -995,6 +996,7 @@ def straighten(
     rng = ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
     keyed = rng.enter_context(RowKeyedDropout(model, config.seed))
+    blocks = 2 if isinstance(train_student, Guided) else 1  # Guided calls the model on cat([x, x])
     try:
         while state.iteration < config.iterations:
             _seed_step(_step_seed(config.seed, dist.rank(), state.iteration), device)
@@ -1005,7 +1007,7 @@ def straighten(
             rows = random_rows(train_idx, config.batch_size, generator)
             x, t, target = objective.batch(pairs, cols, times, rows, generator, device, part)
             c = _to_device(take_cond(rows[part].tolist()), device)
-            with keyed.step(state.iteration, part.start, len(x), config.batch_size):
+            with keyed.step(state.iteration, part.start, len(x), config.batch_size, blocks):
                 with autocast():
                     # times at least float32; a model that raises is one error naming the call
                     pred = call_field(
