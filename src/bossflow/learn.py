@@ -657,6 +657,10 @@ def learn_sampler(
         "kept_start": kept_start,
     }
     sampler = _params_to_sampler(best["theta"], best["phi"], config, **meta)
+    if best["iteration"] == 0:  # the start itself: its times exactly (softmax-cumsum rounds them)
+        sampler = Sampler(
+            np.asarray(init_times, dtype=np.float64), config.solver, sampler.scales, **meta
+        )
     return LearnResult(
         sampler=sampler,
         heldout_error=best["loss"],

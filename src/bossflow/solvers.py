@@ -137,6 +137,8 @@ class Solver:
 
 #: name -> :class:`Solver`. Multistep solvers (``ab2``, ``ab3``) reuse the velocities of earlier
 #: steps: one evaluation per step, the first steps with the lower orders (the first is Euler).
+#: ``order`` is the method's once started: the Euler start's O(h^2) error stays in the solve, so
+#: AB3's global error is second order like AB2's (and at 4-8 steps usually larger).
 SOLVERS: dict[str, Solver] = {
     "euler": Solver("euler", _step_euler, 1, 1, "Euler, 1 evaluation per step"),
     "heun": Solver("heun", _step_heun, 2, 2, "Heun (trapezoidal), 2 evaluations per step"),
