@@ -625,7 +625,11 @@ def _learn_samplers(args, out: Path, model, noise, schedules, config, run, plain
                 f"{_num(r.initial_heldout_error):>13}  {times}"
             )
         best.sampler.save(out / f"learned_nfe{k}.json")
-    print(f"wrote learned_nfe*.json in {out} (* = kept: lowest held-out error)")
+    print(
+        f"wrote learned_nfe*.json in {out} (* = kept: the first of --solvers, {args.solvers[0]}, "
+        f"unless another family's error is lower by {config.margin:g} paired standard errors, on "
+        "the training and the held-out noises)"
+    )
 
 
 # -- sample ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -137,7 +138,11 @@ def test_float16_storage(field, noise, tmp_path):
 
 
 def test_pairs_made_with_another_schedule_grid_or_model_are_refused(field, noise, tmp_path):
-    make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID)
+    made = make_pairs(field, noise, SCHEDULES, tmp_path, fine_grid=GRID)
+    # the same times from another cost-matrix run (another cost, other provenance): reused
+    rerun = [replace(s, method="bellman", cost=1.5, provenance={"samples": 32}) for s in SCHEDULES]
+    again = make_pairs(field, noise, rerun, tmp_path, fine_grid=GRID)
+    assert np.array_equal(np.asarray(again.states), np.asarray(made.states))
     with pytest.raises(CheckpointError, match="another schedule"):
         make_pairs(field, noise, [on_grid(0, 6, 20)], tmp_path, fine_grid=GRID)
     with pytest.raises(CheckpointError, match="fine_grid"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import json
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -575,6 +576,10 @@ def make_pairs(
     return store
 
 
+def _times_of(schedules: list[dict[str, Any]] | None) -> list[list[float]]:
+    return [[float(t) for t in s["times"]] for s in schedules or []]
+
+
 def _start_manifest(
     path: Path, identity: dict[str, Any], total: int, take_cond: Callable
 ) -> dict[str, Any]:
@@ -585,7 +590,10 @@ def _start_manifest(
         manifest = {**identity, "samples": total, "count": 0, "shards": []}
     else:
         key = "cond_fingerprint"  # the same first rows: a store grown to more samples
-        differ = [k for k in identity if manifest.get(k) != identity[k]]
+        # schedules: the states depend on their times only (not on the cost or provenance a
+        # schedule file also records, which another cost-matrix run changes)
+        same = {"schedules": lambda a, b: _times_of(a) == _times_of(b)}
+        differ = [k for k in identity if not same.get(k, operator.eq)(manifest.get(k), identity[k])]
         if key in differ and identity[key] and same_cond(manifest.get(key), take_cond, total):
             differ.remove(key)
         if differ:
