@@ -310,15 +310,25 @@ def test_teacher_endpoints_are_cached_and_checked(spiral, tmp_path):
 
     again = teacher_endpoints(Counting(0.4, 2.5), z, steps=20, cache=tmp_path / "t.pt")
     assert Counting.calls == 0 and torch.equal(again, first)  # read back, not recomputed
-    with pytest.raises(CheckpointError, match="another model, noise, solver or step count"):
+    with pytest.raises(CheckpointError, match=r"another step count \(20 there, 30 now\)"):
         teacher_endpoints(field, z, steps=30, cache=tmp_path / "t.pt")
     # analytic fields have no weights: their constants tell them apart (one was reused for all)
-    with pytest.raises(CheckpointError, match="another model"):
+    with pytest.raises(CheckpointError, match=r"another model \(weights or how it is called\);"):
         teacher_endpoints(type(field)(0.4, 1.0), z, steps=20, cache=tmp_path / "t.pt")
     later = z.clone()
     later[5] += 1.0  # noises that differ after the first one
-    with pytest.raises(CheckpointError, match="another model, noise"):
+    with pytest.raises(CheckpointError, match="another noise; delete it"):
         teacher_endpoints(field, later, steps=20, cache=tmp_path / "t.pt")
+    # more noises, the cached ones first: only the new ones are solved
+    more = torch.cat([z, torch.randn(3, *z.shape[1:], dtype=z.dtype)])
+    Counting.calls = 0
+    grown = teacher_endpoints(Counting(0.4, 2.5), more, steps=20, cache=tmp_path / "t.pt")
+    assert Counting.calls == 2 * 20  # one batch of the 3 new noises, 20 Heun steps
+    assert torch.equal(grown[: len(z)], first)
+    torch.testing.assert_close(grown, sample(field, more, uniform(20), solver="heun"))
+    assert torch.equal(teacher_endpoints(field, more, steps=20, cache=tmp_path / "t.pt"), grown)
+    with pytest.raises(CheckpointError, match=r"another noise, noise count \(\d+ there, 4 now\)"):
+        teacher_endpoints(field, z[:4], steps=20, cache=tmp_path / "t.pt")  # fewer: not checked
 
 
 @pytest.mark.slow

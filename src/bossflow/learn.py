@@ -44,7 +44,7 @@ from .checkpoint import module_fingerprint
 from .errors import CheckpointError, ConfigError
 from .field import VelocityField, guidance_identity
 from .io import ensure_dir
-from .noise import CondLike, cond_fingerprint, cond_reader, same_identity
+from .noise import CondLike, cond_fingerprint, cond_reader, same_cond, same_identity
 from .sampler import Sampler
 from .schedule import Schedule, uniform
 from .solvers import SOLVERS, sample
@@ -172,6 +172,45 @@ def start_steps(solvers: Sequence[str], nfe: int) -> dict[str, int]:
 
 TEACHER_FORMAT = "bossflow.teacher/1"
 
+# How the settings a teacher cache records are named in the message refusing it.
+_TEACHER_LABELS = {
+    "model": "model (weights or how it is called)",
+    "noise": "noise",
+    "count": "noise count",
+    "solver": "solver",
+    "steps": "step count",
+    "cond": "conditioning",
+    "guidance": "guidance",
+}
+
+
+def _cached_teacher(
+    state: dict[str, Any], identity: dict[str, Any], noise: Tensor, take_cond: Callable
+) -> Tensor | str:
+    """A teacher cache's endpoints usable for ``noise``: all of them, or those of its first
+    noises when the cache holds fewer of the same noises; else what differs, in words."""
+    from .checkpoint import noise_fingerprint
+
+    recorded, count = state.get("identity"), int(noise.shape[0])
+    if not isinstance(recorded, dict):
+        return "kind (it records no identity)"
+    if same_identity(recorded, identity, take_cond, count, "cond"):
+        return state["endpoints"]
+    old = recorded.get("count")
+    if isinstance(old, int) and 0 < old < count:  # grown: the same first noises?
+        prefix = {**identity, "count": old, "noise": noise_fingerprint(noise[:old])}
+        if same_identity(recorded, prefix, take_cond, old, "cond"):
+            return state["endpoints"]
+    shown = ("count", "solver", "steps")  # values worth printing (the others are fingerprints)
+    differ = [
+        _TEACHER_LABELS.get(k, k) + (f" ({recorded.get(k)} there, {v} now)" if k in shown else "")
+        for k, v in identity.items()
+        if k != "cond" and recorded.get(k) != v
+    ]
+    if "cond" in identity and not same_cond(recorded.get("cond"), take_cond, count):
+        differ.append("conditioning")
+    return ", ".join(differ) or "run"
+
 
 def teacher_endpoints(
     field: VelocityField,
@@ -188,9 +227,11 @@ def teacher_endpoints(
     ``steps`` uniform steps of ``solver`` (default: 200 Heun steps, 400 evaluations, second order).
     On the shipped digits model, against 400 Heun steps, 200 Heun steps are off by an MSE of
     1.0e-7 per dimension, 100 Heun steps by 3.9e-6, and the 1000-step Euler reference of the
-    evaluation by 1.7e-6 (100 Euler steps: 1.6e-4). With ``cache`` the result is saved atomically, with the fingerprints of the model and
-    the noise, and reused by a rerun with the same model, noise, solver and steps (another one is
-    refused, not mixed). ``cond``: per-sample conditioning of the M noises (a dict of (M, ...)
+    evaluation by 1.7e-6 (100 Euler steps: 1.6e-4). With ``cache`` the result is saved
+    atomically, with the fingerprints of the model and the noise, and reused by a rerun with the
+    same model, noise, solver and steps; a rerun with more noises whose first ones are the cached
+    ones solves only the new ones (another model, noise, solver or step count is refused, named,
+    not mixed). ``cond``: per-sample conditioning of the M noises (a dict of (M, ...)
     tensors or ``cond(rows) -> dict``), as everywhere in bossflow.
 
     Returns:
@@ -212,19 +253,18 @@ def teacher_endpoints(
     if (guidance := guidance_identity(field)) is not None:  # another scale: another field
         identity["guidance"] = guidance
     # several processes: rank 0 reads and checks the cache, the others get what it found
-    found = None
+    count, found = int(noise.shape[0]), None
     if cache is not None and dist.is_rank_zero() and Path(cache).exists():
         with dist.fail_together():
-            state = load_state(cache, TEACHER_FORMAT)
-            count = int(noise.shape[0])
-            if not same_identity(state.get("identity"), identity, take_cond, count, "cond"):
+            found = _cached_teacher(load_state(cache, TEACHER_FORMAT), identity, noise, take_cond)
+            if isinstance(found, str):
                 raise CheckpointError(
-                    f"{cache} holds teacher endpoints of another model, noise, solver or step "
-                    "count; delete it to recompute, or use another folder"
+                    f"{cache} holds teacher endpoints of another {found}; delete it to recompute, "
+                    "or use another folder"
                 )
-            found = state["endpoints"]
     found = dist.broadcast_object(found)
-    if found is not None:
+    done = 0 if found is None else int(found.shape[0])
+    if done == count:
         return found.to(device=noise.device, dtype=noise.dtype)
 
     def solve(block: range) -> Tensor:  # the endpoints of noises `block`, in batches
@@ -244,7 +284,11 @@ def teacher_endpoints(
         return part
 
     # split over the processes of a multi-process run, gathered in sample order
-    out = dist.map_rows(solve, int(noise.shape[0]), noise.device)
+    out = dist.map_rows(
+        lambda r: solve(range(done + r.start, done + r.stop)), count - done, noise.device
+    )
+    if found is not None:  # the cached first noises' endpoints, then the new ones'
+        out = torch.cat([found.to(device=out.device, dtype=out.dtype), out])
     if cache is not None:  # rank 0 writes (a failure reaches the others: atomic_write)
         save_state(cache, {"format": TEACHER_FORMAT, "identity": identity, "endpoints": out.cpu()})
     return out
