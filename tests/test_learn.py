@@ -125,7 +125,9 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     assert resumed.sampler.times.tobytes() == full.sampler.times.tobytes()
     assert resumed.sampler.scales.tobytes() == full.sampler.scales.tobytes()
     assert resumed.history == full.history
-    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+    with pytest.raises(
+        CheckpointError, match=r"another sampler-learning run \(other settings: iterations, lr\)"
+    ):
         learn_sampler(field, z, teacher, 2, cfg(iterations=30, lr=0.2), out_dir=tmp_path / "b")
     # the teacher solved in other batches (another number of processes) rounds in the last bits:
     # still this run; another teacher is not
@@ -134,7 +136,7 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     )
     again = learn_sampler(field, z, rounded, 2, config, out_dir=tmp_path / "b")
     assert again.history == full.history  # read from the checkpoint: nothing left to run
-    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+    with pytest.raises(CheckpointError, match=r"other teacher endpoints\)"):
         learn_sampler(field, z, 1.01 * teacher, 2, config, out_dir=tmp_path / "b")
     # a checkpoint of the earlier layout (the teacher's exact sum) still resumes
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
@@ -157,12 +159,12 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
         def forward(self, x, t):
             return shifted(x, t)
 
-    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+    with pytest.raises(CheckpointError, match=r"another sampler-learning run \(other model\)"):
         learn_sampler(Other(), z, teacher, 2, config, out_dir=tmp_path / "b")
     # a teacher of another step count has nearly the same norm: its description tells them apart
     heun = {"teacher": "heun 200"}
     learn_sampler(field, z, teacher, 2, cfg(iterations=5), out_dir=tmp_path / "c", provenance=heun)
-    with pytest.raises(CheckpointError, match="another sampler-learning run"):
+    with pytest.raises(CheckpointError, match=r"\(other teacher solver\)"):
         learn_sampler(field, z, teacher, 2, cfg(iterations=5), out_dir=tmp_path / "c",
                       provenance={"teacher": "heun 100"})  # fmt: skip
 

@@ -445,6 +445,25 @@ def _same_run(saved: dict | None, mine: dict, teacher: Tensor, take_cond: Callab
     return same_teacher and same_identity(a, b, take_cond, int(teacher.shape[0]), "cond")
 
 
+def _run_differences(saved: Any, mine: dict) -> str:
+    """What differs between a checkpoint's identity and this run's, in words (for a message)."""
+    if not isinstance(saved, dict):
+        return "kind: it records no identity"
+    out = []
+    settings = [k for k, v in mine["config"].items() if (saved.get("config") or {}).get(k) != v]
+    if settings:
+        out.append(f"settings: {', '.join(settings)}")
+    if saved.get("noise_shape") != mine["noise_shape"]:
+        count = (saved.get("noise_shape") or [None])[0]
+        out.append(f"teacher noises: {count} there, {mine['noise_shape'][0]} now")
+    elif not math.isclose(saved.get("teacher_norm") or 0.0, mine["teacher_norm"], rel_tol=1e-5):
+        out.append("teacher endpoints")
+    labels = {"nfe": "budget", "init": "initial times", "teacher": "teacher solver"}
+    labels |= {"model": "model", "cond": "conditioning", "guidance": "guidance"}
+    out += [label for k, label in labels.items() if k in mine and saved.get(k) != mine[k]]
+    return "; ".join(out) or "settings"
+
+
 def _rank(error: float) -> float:
     """An error for ordering: NaN (a diverged or undefined error) after every number."""
     return math.inf if math.isnan(error) else error
@@ -584,8 +603,9 @@ def learn_sampler(
             ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
             if not _same_run(ckpt.get("identity"), identity, teacher, take_cond):
                 raise CheckpointError(
-                    f"{ckpt_path} was made by another sampler-learning run (other settings, "
-                    "budget, initial times or teacher); delete it or use another folder"
+                    f"{ckpt_path} was made by another sampler-learning run (other "
+                    f"{_run_differences(ckpt.get('identity'), identity)}); delete it or use "
+                    "another folder"
                 )
     ckpt = dist.broadcast_object(ckpt)
     if ckpt is not None:
