@@ -126,7 +126,7 @@ def test_a_resumed_run_gives_the_uninterrupted_result(spiral, tmp_path):
     assert resumed.sampler.scales.tobytes() == full.sampler.scales.tobytes()
     assert resumed.history == full.history
     with pytest.raises(
-        CheckpointError, match=r"another sampler-learning run \(other settings: iterations, lr\)"
+        CheckpointError, match=r"another sampler-learning run \(other settings: lr\)"
     ):
         learn_sampler(field, z, teacher, 2, cfg(iterations=30, lr=0.2), out_dir=tmp_path / "b")
     # the teacher solved in other batches (another number of processes) rounds in the last bits:
