@@ -89,7 +89,7 @@ def test_conditional_unet_needs_valid_labels() -> None:
     x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
     with pytest.raises(ConfigError, match=r'pass cond=\{"class_labels": labels\}'):
         cond(x, t)
-    with pytest.raises(ConfigError, match="unconditional.*takes no class_labels"):
+    with pytest.raises(ConfigError, match=r"takes no class_labels: drop the conditioning.*--cond"):
         plain(x, t, class_labels=torch.tensor([1, 2, 3]))
     with pytest.raises(ConfigError, match=r"0\.\.10"):
         cond(x, t, class_labels=torch.tensor([1, 2, 11]))
@@ -336,3 +336,18 @@ def test_cli_train_base_conditional_calls_the_conditional_recipe(tmp_path, monke
     assert directory == out and kwargs["flow"] == {"steps": 7} and kwargs["seed"] == 3
     assert kwargs["dataset"] == "digits" and kwargs["check_samples"] == 9
     assert "guidance scale 2.0" in capsys.readouterr().out
+
+
+def test_a_cond_file_with_other_keywords_is_named_for_digits_cond(tmp_path) -> None:
+    """A user's --cond file saying 'labels': the error said --uncond (not given) lacked it."""
+    from safetensors.torch import save_file
+
+    from bossflow.conditioning import prepare_conditioning
+
+    model = load_model("digits-cond")
+    save_file({"labels": torch.arange(4)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ConfigError, match=r"--cond holds 'labels'; .* on 'class_labels' alone"):
+        prepare_conditioning(model.field, model.info, tmp_path / "c.safetensors")
+    save_file({"class_labels": torch.arange(4)}, str(tmp_path / "c.safetensors"))
+    run = prepare_conditioning(model.field, model.info, tmp_path / "c.safetensors")
+    assert run.cond(range(5, 7))["class_labels"].tolist() == [1, 2]

@@ -126,6 +126,12 @@ def prepare_conditioning(
         parts.append(f"cond {Path(cond_file).name} ({', '.join(sorted(tensors))})")
     if uncond_file is not None:
         uncond = read_tensors(uncond_file, "--uncond")
+    if tensors is not None and builtin and set(tensors) != {info["cond_key"]}:
+        n = int(info["num_classes"])
+        raise ConfigError(
+            f"--cond holds {', '.join(map(repr, sorted(tensors)))}; this model is conditioned on "
+            f"{info['cond_key']!r} alone ((B,) integer labels 0..{n - 1}, {n} = no class)"
+        )
     if tensors is None and builtin:
         from .pretrained import class_labels_cond
 

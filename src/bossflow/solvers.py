@@ -209,8 +209,9 @@ def sample(
     own_solver = getattr(schedule, "solver", None)
     if own_solver is not None and solver is not None and solver != own_solver:
         raise ConfigError(
-            f"the sampler was made for the {own_solver} solver, not {solver}; drop solver= "
-            "(a sampler brings its own) or sample its times with Schedule(sampler.times)"
+            f"the sampler was made for the {own_solver} solver, not {solver}: drop the solver "
+            "(solver= / --solver; a sampler brings its own), or sample its times alone "
+            "(Schedule(sampler.times))"
         )
     solver = solver or own_solver or "euler"
     if scales is None:

@@ -210,8 +210,9 @@ class DigitUNet(nn.Module):
         if self.label_emb is None:
             if class_labels is not None:
                 raise ConfigError(
-                    "this DigitUNet is unconditional (num_classes=0) and takes no class_labels; "
-                    "drop cond= (or load the class-conditional model, e.g. digits-cond)"
+                    "this DigitUNet is unconditional (num_classes=0) and takes no class_labels: "
+                    "drop the conditioning (cond= / --cond), or load the class-conditional model "
+                    "(digits-cond)"
                 )
             return None
         if class_labels is None:
