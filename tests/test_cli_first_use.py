@@ -245,7 +245,10 @@ def test_point_model_through_every_command(tmp_path, monkeypatch, capsys):
     png = tmp_path / "points.png"
     assert run("sample", *model, "--schedule", schedule, "--n", 32, "--out", png) == 0
     assert "scatter" in capsys.readouterr().out
-    assert png.stat().st_size > 0 and torch.load(tmp_path / "points.pt")["samples"].shape == (32, 2)
+    assert png.stat().st_size > 0 and not (tmp_path / "points.pt").exists()  # not asked for
+    keep = ("--save-tensor", tmp_path / "points.pt")
+    assert run("sample", *model, "--schedule", schedule, "--n", 32, "--out", png, *keep) == 0
+    assert torch.load(tmp_path / "points.pt")["samples"].shape == (32, 2)
     tuned = tmp_path / "tuned"
     train = ("--pairs", 16, "--iterations", 3, "--batch-size", 4, "--quiet")
     assert run("straighten", *model, "--schedule", schedule, *train, "--out", tuned) == 0

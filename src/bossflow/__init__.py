@@ -24,7 +24,7 @@ from .sampler import Sampler, load_schedule
 from .schedule import Schedule, edm, quadratic, uniform
 from .solvers import reference_solve, sample
 from .spec import LoadedModel, load_model
-from .straighten import PairStore, StraightenConfig, make_pairs, straighten
+from .straighten import PairStore, StraightenConfig, make_pairs, save_straightened, straighten
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "reference_solve",
     "sample",
     "Guided",
+    "save_straightened",
     "straighten",
     "uniform",
     "__version__",

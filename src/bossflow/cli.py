@@ -692,16 +692,15 @@ def _save_samples(x, model, out: Path, save_tensor: str | None, scale: int, titl
         value_range = model.value_range
         grid = save_grid(x.float().cpu(), picture, scale=scale, value_range=value_range)
         written.append(str(grid))
+    elif _is_points(shape):  # the tensor too only when asked for, as for images
+        written.append(str(plot_points({title: x.float().cpu()}, picture, title=title)))
+        notes.append("2-D points: drawn as a scatter plot; no image grid")
     else:
         tensor_path = tensor_path or out.with_suffix(".pt")
-        if _is_points(shape):
-            written.append(str(plot_points({title: x.float().cpu()}, picture, title=title)))
-            notes.append("2-D points: drawn as a scatter plot; no image grid")
-        else:
-            notes.append(
-                f"samples shaped ({_shape_text(shape)}) are not 1- or 3-channel images, so no PNG "
-                f"was drawn; the samples are saved as a tensor in {tensor_path}"
-            )
+        notes.append(
+            f"samples shaped ({_shape_text(shape)}) are not 1- or 3-channel images, so no PNG "
+            f"was drawn; the samples are saved as a tensor in {tensor_path}"
+        )
     if tensor_path:
         samples = x.detach().cpu()
         atomic_write(tensor_path, lambda p: torch.save({"samples": samples}, p))
@@ -1090,7 +1089,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None
     }
     config = replace(config, **overrides)
-    run_demo(args.out, config, device=_device(args.device), progress=not args.quiet)
+    report = run_demo(args.out, config, device=_device(args.device), progress=not args.quiet)
+    if args.quiet:  # the stage lines and the table are off; where the results are is not
+        print(f"wrote {report}")
     return 0
 
 
