@@ -7,7 +7,8 @@
 #    in fp32, TF32, fp16 / bf16 autocast with channels-last, and compiled TF32 / fp16, each
 #    timed and compared with fp32 (benchmarks/bench_cost_precision.py);
 # 2. the CLI's --precision options on the device (digits schedules: fp32, then tf32 / fp16 + channels-last);
-# 3. the library on the device against the CPU, and the demo's wall time there
+# 3. row-keyed dropout against torch's on the device (benchmarks/bench_dropout.py, seconds);
+# 4. the library on the device against the CPU, and the demo's wall time there
 #    (benchmarks/gpu_check.py; measured once already, so last).
 # About 5-8 minutes on one H200 (compilation included); each step has its own time limit, so a
 # slow step leaves the others' results. Runs from a source checkout without installing
@@ -47,6 +48,8 @@ a, b = (C.load(f'/tmp/bossflow_cli_{n}/cost_matrix.npz').values for n in ('fp32'
 print(sys.argv[1], 'channels-last: cost matrix max rel. error vs fp32', np.abs(a - b).max() / np.abs(a).max())" "$p"
     done
 } 2>&1 | tee "$OUT/cli_precision.txt"
+
+timeout 60 $PY benchmarks/bench_dropout.py --device "$DEVICE" --batch 256 2>&1 | tee "$OUT/dropout.md"
 
 if [ "$DEVICE" = cuda ]; then
     timeout 240 $PY benchmarks/gpu_check.py --out /tmp/bossflow_gpu_check 2>&1 | tee "$OUT/gpu_check.md"
