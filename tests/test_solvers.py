@@ -208,3 +208,34 @@ def test_sample_is_differentiable_in_learned_times_and_scales():
         return sample(field, x0, times, solver="ab2", scales=scales, grad=True).pow(2).sum()
 
     torch.autograd.gradcheck(loss, (inner, scales))
+
+
+def test_sampling_runs_a_module_in_eval_mode_and_gives_its_modes_back():
+    """A freshly built module is in training mode: dropout made every sample (and cost matrix)
+    random and BatchNorm updated its running statistics while sampling."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.norm = nn.Linear(3, 16), nn.BatchNorm1d(16)
+            self.drop, self.out = nn.Dropout(0.5), nn.Linear(16, 2)
+
+        def forward(self, x, t):
+            return self.out(self.drop(self.norm(self.lin(torch.cat([x, t[:, None]], 1)))))
+
+    net = Net()
+    net.norm.eval()  # a submodule its owner froze stays frozen afterwards
+    stats = net.norm.running_mean.clone()
+    z = torch.randn(8, 2)
+    first = sample(net, z, uniform(4))
+    assert torch.equal(sample(net, z, uniform(4)), first)  # no dropout
+    assert net.training and not net.norm.training
+    net.norm.train()
+    assert torch.equal(sample(net, z, uniform(4)), first)
+    assert torch.equal(net.norm.running_mean, stats)  # not updated by sampling
+    assert net.training and net.drop.training and net.norm.training
+    net.eval()
+    assert torch.equal(sample(net, z, uniform(4)), first)
+    assert not net.training

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .field import VelocityField, bind_cond, call_field, check_cond, time_dtype
+from .field import VelocityField, bind_cond, call_field, check_cond, eval_mode, time_dtype
 from .schedule import Schedule, uniform
 
 __all__ = [
@@ -198,6 +198,9 @@ def sample(
         cond: conditioning tensors for a conditional field, ``field(x, t, **cond)``: each with
             first dimension B (row b goes with ``noise[b]``) or 1 (shared).
 
+    The field runs in eval mode (dropout off, normalisation statistics frozen; a freshly built
+    ``nn.Module`` is in training mode) and gets its own modes back afterwards.
+
     Returns:
         (B, ...) the states at t = 1.
     """
@@ -232,9 +235,10 @@ def sample(
         bad = [s for s in scales if not isinstance(s, Tensor) and not np.isfinite(s)]
         if bad:
             raise ConfigError(f"the per-step scales must be finite numbers, got {bad[0]}")
+    modes = eval_mode(field)  # sampling is inference, whatever mode the module was left in
     field = bind_cond(field, check_cond(cond, noise.shape[0], "sample", noise.device))
     x, past = noise, []
-    with nullcontext() if grad else torch.no_grad():
+    with nullcontext() if grad else torch.no_grad(), modes:
         for i in range(len(times) - 1):
             t, t_next = times[i], times[i + 1]
             increment, v = step(field, x, t, t_next, past)
@@ -312,6 +316,6 @@ def _reference_solve(field, noise, method, steps, rtol, atol, cond) -> Tensor:
             return v.to(x.dtype)
 
         grid = torch.tensor([0.0, 1.0], dtype=noise.dtype, device=noise.device)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(field):
             return torchdiffeq.odeint(rhs, noise, grid, method="dopri5", rtol=rtol, atol=atol)[-1]
     return sample(field, noise, uniform(steps), solver=method, cond=cond)
