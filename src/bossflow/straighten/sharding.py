@@ -93,7 +93,7 @@ def full_on_rank_zero(tensors: list[Any]) -> list[Any] | None:
     for t in tensors:
         full = full_tensor(t)
         if dist.is_rank_zero():
-            out.append(full.detach().cpu() if full is not t else full.detach().clone())
+            out.append(full.detach().to("cpu", copy=True))
         del full
     return out if dist.is_rank_zero() else None
 
