@@ -205,3 +205,32 @@ def test_options_that_cannot_work_together_are_refused_first(tmp_path, capsys, c
     assert run(f"{command} --out", tmp_path / "o") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """torchrun stops its workers with SIGTERM (after a failure or a Ctrl-C): a worker writing a
+    file left its half-written temporary behind (the default SIGTERM ends the process at once)."""
+    import os
+    import signal
+
+    from bossflow import io
+
+    real = io._fsync
+
+    def terminated_while_writing(path, directory=False):
+        if not directory:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the temporary is being written
+        return real(path, directory=directory)
+
+    monkeypatch.setattr(io, "_fsync", terminated_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "s"
+    argv = ["schedule", "--nfe", "2", "--kmax", "8", "--samples", "4", "--quiet", "--out", str(out)]
+    assert main(argv) == 130
+    assert (
+        "bossflow schedule: interrupted; rerun the same command to resume"
+        in capsys.readouterr().err
+    )
+    assert not [p.name for p in out.rglob("*") if ".tmp" in p.name]
+    assert not (out / "cost_matrix.npz").exists()  # the write that was interrupted
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler back

@@ -129,6 +129,31 @@ def test_ctrl_c_on_every_rank_prints_one_line_and_tells_the_others(tmp_path, mon
     assert [type(e) for e in published] == [KeyboardInterrupt] * 2
 
 
+def test_a_peer_killed_during_ddp_or_fsdp_is_one_line_not_a_model_error(monkeypatch):
+    """kill -9 of one rank while training: DDP's all-reduce raised gloo's RuntimeError on the
+    survivor (a traceback), FSDP's gather inside the forward pass was reported as the model
+    raising, with advice about --shape."""
+    from bossflow.errors import DistributedError
+    from bossflow.field import call_field
+
+    for name, value in (("is_distributed", True), ("rank", 0), ("world_size", 2)):
+        monkeypatch.setattr(dist, name, lambda *a, v=value: v)
+    monkeypatch.setattr(dist, "_store", lambda: None)  # nobody published a message
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:4242: Connection reset by peer")  # fmt: skip
+    lost = dist.lost_peer(gloo, "the gradient reduction")
+    assert isinstance(lost, DistributedError)
+    assert str(lost).startswith("the gradient reduction failed on rank 0 ([../third_party/gloo")
+    assert "another process probably died" in str(lost)
+    assert dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "x") is None
+
+    def gathering(x, t):
+        raise gloo
+
+    with pytest.raises(DistributedError, match="the model's forward pass failed on rank 0"):
+        call_field(gathering, torch.zeros(2, 3), torch.zeros(2), "the model")
+
+
 def test_run_demo_from_python_prints_on_rank_zero_only(tmp_path, monkeypatch):
     """run_demo called by every process of a torchrun job: the CLI silences the other ranks'
     stdout, a Python caller relies on run_demo (its stage lines and bars came once per rank)."""

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import BossflowError, ConfigError
 
@@ -1538,6 +1539,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.given = _given_options(parser, sys.argv[1:] if argv is None else list(argv))
     from . import distributed
 
+    with _terminate_as_interrupt():
+        return _run(args, argv, distributed)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (torchrun stopping its workers after a failure or a Ctrl-C, a job scheduler's
+    stop) unwinds like Ctrl-C: atomic writes remove their temporaries and the output lock is
+    released (by default the process ended at once, leaving a half-written checkpoint's
+    temporary beside the checkpoint)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None, distributed: Any) -> int:
+    """:func:`main`'s body: the command, its output lock, and one message per failure."""
     try:
         # torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints
         if distributed.init_from_env(getattr(args, "device", None)) and distributed.rank() > 0:

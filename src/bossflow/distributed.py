@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DistributedError, PeerFailedError
+from .errors import BossflowError, DistributedError, PeerFailedError
 
 __all__ = [
     "is_distributed",
@@ -50,6 +50,7 @@ __all__ = [
     "fail_together",
     "rank_label",
     "map_rows",
+    "lost_peer",
     "SHARED_FOLDER",
 ]
 
@@ -273,12 +274,31 @@ def _wait(work: Any, what: str) -> None:
     except RuntimeError as err:  # e.g. gloo: "Connection closed by peer" when a rank died
         if isinstance(err, PeerFailedError):
             raise
-        _raise_if_peer_failed(store)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DistributedError(
-            f"{what} failed on rank {rank()} ({first}); another process probably died, see its "
-            "error above"
-        ) from None
+        raise _lost_peer(err, what, store) from None
+
+
+def _lost_peer(err: BaseException, what: str, store: Any) -> BossflowError:
+    """The error for a collective that failed: the peer's own message if it published one."""
+    _raise_if_peer_failed(store)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DistributedError(
+        f"{what} failed on rank {rank()} ({first}); another process probably died, see its "
+        "error above"
+    )
+
+
+def lost_peer(err: BaseException, what: str) -> BossflowError | None:
+    """The one-line error for ``err`` if it is a collective that another process's death broke
+    (gloo's "Connection reset by peer", NCCL's ``DistBackendError``) in a collective bossflow
+    does not wait on itself (DDP's gradient all-reduce, FSDP's gathers); ``None`` otherwise."""
+    if not is_distributed():
+        return None
+    text = str(err)
+    backend = getattr(_dist(), "DistBackendError", ())
+    markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer")
+    if not isinstance(err, backend) and not any(m in text for m in markers):
+        return None
+    return _lost_peer(err, what, _store())
 
 
 def _device() -> torch.device:

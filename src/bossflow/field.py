@@ -137,6 +137,10 @@ def call_field(
     except BossflowError:
         raise
     except Exception as err:
+        from .distributed import lost_peer
+
+        if (lost := lost_peer(err, f"{where}'s forward pass")) is not None:
+            raise lost from None  # a sharded model's gather: another process died, not the model
         message = " ".join(str(err).split())
         if len(message) > 300:
             message = message[:300] + " ..."

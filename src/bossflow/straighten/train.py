@@ -1019,7 +1019,12 @@ def straighten(
                     )
                 loss = F.mse_loss(pred.float(), target)  # float32 whatever the model's dtype
                 run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss.backward()
+                except RuntimeError as err:  # DDP's / FSDP's gradient reduction with the others
+                    if (lost := dist.lost_peer(err, "the gradient reduction")) is not None:
+                        raise lost from None
+                    raise
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             run.optimizer.step()
@@ -1055,7 +1060,8 @@ def straighten(
     finally:
         bar.close()
         rng.close()  # torch's global generators as they were before training
-    state.wall_s += time.perf_counter() - start_time
+    if ckpt_path is None:  # else the last checkpoint holds the wall time (a rerun returns it)
+        state.wall_s += time.perf_counter() - start_time
 
     # the weights to return: the best recorded, else the EMA, else the raw ones
     if config.select == "best":
