@@ -1557,13 +1557,16 @@ def _terminate_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        # once: a second SIGTERM (a scheduler's and torchrun's both) must not break the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # (None: a handler installed outside Python, which cannot be put back from here)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None, distributed: Any) -> int:

@@ -208,10 +208,14 @@ def _store() -> Any:
 
 def _raise_if_peer_failed(store: Any) -> None:
     global _FAILED
-    if store is not None and store.check([_ERROR_KEY]):
+    try:
+        if store is None or not store.check([_ERROR_KEY]):
+            return
         message = store.get(_ERROR_KEY).decode(errors="replace")
-        _FAILED = True
-        raise PeerFailedError(f"another process failed: {message}")
+    except (RuntimeError, OSError):  # the store's host is gone too: nothing to read there
+        return
+    _FAILED = True
+    raise PeerFailedError(f"another process failed: {message}")
 
 
 def report_failure(err: BaseException) -> bool:
@@ -289,13 +293,15 @@ def _lost_peer(err: BaseException, what: str, store: Any) -> BossflowError:
 
 def lost_peer(err: BaseException, what: str) -> BossflowError | None:
     """The one-line error for ``err`` if it is a collective that another process's death broke
-    (gloo's "Connection reset by peer", NCCL's ``DistBackendError``) in a collective bossflow
+    (gloo's "Connection reset by peer", NCCL's ``DistBackendError``; the message keeps the
+    error's first line, so a local failure reported that way still shows) in a collective bossflow
     does not wait on itself (DDP's gradient all-reduce, FSDP's gathers); ``None`` otherwise."""
     if not is_distributed():
         return None
     text = str(err)
     backend = getattr(_dist(), "DistBackendError", ())
-    markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer")
+    # a dead peer, not a local failure inside a collective (out of memory, invalid usage)
+    markers = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
     if not isinstance(err, backend) and not any(m in text for m in markers):
         return None
     return _lost_peer(err, what, _store())

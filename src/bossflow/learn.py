@@ -460,9 +460,15 @@ def _run_differences(saved: Any, mine: dict) -> str:
         saved["teacher_norm"], mine["teacher_norm"], rel_tol=1e-5
     ):  # (older checkpoints recorded the teacher's sum)
         out.append("teacher endpoints")
-    labels = {"nfe": "budget", "init": "initial times", "teacher": "teacher solver"}
-    labels |= {"model": "model", "cond": "conditioning", "guidance": "guidance"}
-    out += [label for k, label in labels.items() if k in mine and saved.get(k) != mine[k]]
+    labels = {"nfe": "budget", "init": "initial times", "model": "model"}
+    labels |= {"cond": "conditioning", "guidance": "guidance"}
+    out += [
+        label
+        for k, label in labels.items()
+        if (k in mine or k in saved) and saved.get(k) != mine.get(k)
+    ]
+    if "teacher" in saved and saved["teacher"] != mine.get("teacher"):  # older: not recorded
+        out.append("teacher solver")
     return "; ".join(out) or "settings"
 
 
