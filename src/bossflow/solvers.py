@@ -199,7 +199,8 @@ def sample(
             first dimension B (row b goes with ``noise[b]``) or 1 (shared).
 
     The field runs in eval mode (dropout off, normalisation statistics frozen; a freshly built
-    ``nn.Module`` is in training mode) and gets its own modes back afterwards.
+    ``nn.Module`` is in training mode) and gets its own modes back afterwards; so threads
+    sampling one module at the same time must leave it in eval mode themselves.
 
     Returns:
         (B, ...) the states at t = 1.
