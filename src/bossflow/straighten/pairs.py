@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import json
-import operator
 import os
 import threading
 from collections import OrderedDict
@@ -558,7 +557,6 @@ def make_pairs(
     if not dist.is_distributed():
         return PairStore.open(path)
     # every rank reads the store rank 0 finished (training draws the same batches from it)
-    shared = dist.SHARED_FOLDER
     with dist.fail_together():
         try:
             store = PairStore.open(path)
@@ -566,18 +564,15 @@ def make_pairs(
             if dist.is_rank_zero():
                 raise
             raise ConfigError(
-                f"rank 0 wrote the pairs in {path}, which this process cannot read ({err}); {shared}"
+                f"rank 0 wrote the pairs in {path}, which this process cannot read ({err}); "
+                f"{dist.SHARED_FOLDER}"
             ) from None
     counts = dist.all_gather_object(len(store))
     if len(set(counts)) > 1:
         raise ConfigError(
-            f"the processes read different pair stores in {path} ({counts}); {shared}"
+            f"the processes read different pair stores in {path} ({counts}); {dist.SHARED_FOLDER}"
         )
     return store
-
-
-def _times_of(schedules: list[dict[str, Any]] | None) -> list[list[float]]:
-    return [[float(t) for t in s["times"]] for s in schedules or []]
 
 
 def _start_manifest(
@@ -590,10 +585,9 @@ def _start_manifest(
         manifest = {**identity, "samples": total, "count": 0, "shards": []}
     else:
         key = "cond_fingerprint"  # the same first rows: a store grown to more samples
-        # schedules: the states depend on their times only (not on the cost or provenance a
-        # schedule file also records, which another cost-matrix run changes)
-        same = {"schedules": lambda a, b: _times_of(a) == _times_of(b)}
-        differ = [k for k in identity if not same.get(k, operator.eq)(manifest.get(k), identity[k])]
+        # not the schedules themselves: the states depend on the union of their times (compared),
+        # not on the cost or provenance a schedule file records (another cost-matrix run's)
+        differ = [k for k in identity if k != "schedules" and manifest.get(k) != identity[k]]
         if key in differ and identity[key] and same_cond(manifest.get(key), take_cond, total):
             differ.remove(key)
         if differ:
