@@ -730,6 +730,38 @@ class _Run:
 # the loop
 
 
+def _read_checkpoint(path: Path | None, check: Callable[[dict], None]) -> dict[str, Any] | None:
+    """The checkpoint to resume from on every process (``None``: start afresh).
+
+    Rank 0 reads it and ``check``s it; then the others read the file it checked (the output
+    folder is one all processes see, as the pair shards need; sending the checkpoint would put
+    its bytes on every device, where a sharded run has no room for them) and all compare what
+    they read.
+    """
+    ckpt = None
+    if path is not None and dist.is_rank_zero() and path.exists():
+        with dist.fail_together():
+            ckpt = load_state(path, CHECKPOINT_FORMAT)
+            check(ckpt)
+    if dist.broadcast_object(ckpt is not None) and not dist.is_rank_zero():
+        with dist.fail_together():
+            try:
+                ckpt = load_state(path, CHECKPOINT_FORMAT)
+            except CheckpointError as err:
+                raise ConfigError(
+                    f"rank 0 resumes from {path}, which this process cannot read ({err}); "
+                    f"{dist.SHARED_FOLDER}"
+                ) from None
+    if ckpt is not None and dist.is_distributed():
+        seen = dist.all_gather_object((ckpt["iteration"], len(ckpt["history"]), ckpt["wall_s"]))
+        if len(set(seen)) > 1:
+            raise ConfigError(
+                f"the processes read different checkpoints in {path} (iteration, records, wall "
+                f"time by rank: {seen}); {dist.SHARED_FOLDER}"
+            )
+    return ckpt
+
+
 def _step_seed(seed: int, rank: int, iteration: int) -> int:
     """The global generators' seed for one training step of one process."""
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
@@ -898,30 +930,11 @@ def straighten(
     )
     # what the loss sees: the network under the teacher's guidance, or bare (distilled)
     student = _student(model, teacher_guide, config.guidance, unguided)
-    # several processes: rank 0 reads and checks the checkpoint, then the others read the file it
-    # checked (the output folder is one all processes see, as the pair shards need; sending the
-    # checkpoint would put its bytes on every device, where a sharded run has no room for them)
-    ckpt = None
-    if ckpt_path is not None and dist.is_rank_zero() and ckpt_path.exists():
-        with dist.fail_together():
-            ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-            _check_resumable(ckpt, ckpt_path, config, schedule, pairs, base_fingerprint, guidance)
-    if dist.broadcast_object(ckpt is not None) and not dist.is_rank_zero():
-        with dist.fail_together():
-            try:
-                ckpt = load_state(ckpt_path, CHECKPOINT_FORMAT)
-            except CheckpointError as err:
-                raise ConfigError(
-                    f"rank 0 resumes from {ckpt_path}, which this process cannot read ({err}); "
-                    f"{dist.SHARED_FOLDER}"
-                ) from None
-    if ckpt is not None and dist.is_distributed():  # the file rank 0 checked, on every rank
-        seen = dist.all_gather_object((ckpt["iteration"], len(ckpt["history"]), ckpt["wall_s"]))
-        if len(set(seen)) > 1:
-            raise ConfigError(
-                f"the processes read different checkpoints in {ckpt_path} (iteration, records, "
-                f"wall time by rank: {seen}); {dist.SHARED_FOLDER}"
-            )
+    ckpt = _read_checkpoint(
+        ckpt_path, lambda c: _check_resumable(
+            c, ckpt_path, config, schedule, pairs, base_fingerprint, guidance
+        )
+    )  # fmt: skip
     if ckpt is not None:
         run.restore(ckpt, ckpt_path, device)
     state = run.state
