@@ -56,6 +56,8 @@ class _Keyed:
     """Mixin of the keyed dropout classes: the layer's ``forward`` asks the active step."""
 
     _bossflow_index: int
+    base: type  # the torch class it stands in for
+    batched_ndim: int | None  # a batched input's ndim for channel-wise masks; None: any
 
     def forward(self, x: Tensor) -> Tensor:
         if _ACTIVE is None or not self.training:
@@ -64,27 +66,24 @@ class _Keyed:
 
 
 class _KeyedDropout(_Keyed, nn.Dropout):
-    pass
+    base, batched_ndim = nn.Dropout, None  # any input: element-wise masks
 
 
 class _KeyedDropout1d(_Keyed, nn.Dropout1d):
-    pass
+    base, batched_ndim = nn.Dropout1d, 3  # (N, C, L): channel-wise masks
 
 
 class _KeyedDropout2d(_Keyed, nn.Dropout2d):
-    pass
+    base, batched_ndim = nn.Dropout2d, 4
 
 
 class _KeyedDropout3d(_Keyed, nn.Dropout3d):
-    pass
+    base, batched_ndim = nn.Dropout3d, 5
 
 
-# torch's class -> (keyed class, ndim of a batched input: None for any, else channel-wise masks)
-_KEYED: dict[type, tuple[type, int | None]] = {
-    nn.Dropout: (_KeyedDropout, None),
-    nn.Dropout1d: (_KeyedDropout1d, 3),
-    nn.Dropout2d: (_KeyedDropout2d, 4),
-    nn.Dropout3d: (_KeyedDropout3d, 5),
+#: torch's dropout class -> its keyed subclass
+_KEYED: dict[type, type] = {
+    k.base: k for k in (_KeyedDropout, _KeyedDropout1d, _KeyedDropout2d, _KeyedDropout3d)
 }
 
 
@@ -118,7 +117,7 @@ class RowKeyedDropout:
             raise RuntimeError("another straightening run's keyed dropout is active")
         _ACTIVE = self
         for index, layer in self.layers:
-            layer.__class__ = _KEYED[type(layer)][0]
+            layer.__class__ = _KEYED[type(layer)]
             layer._bossflow_index = index
         return self
 
@@ -126,7 +125,7 @@ class RowKeyedDropout:
         global _ACTIVE
         _ACTIVE = None
         for _, layer in self.layers:
-            layer.__class__ = type(layer).__mro__[2]  # _KeyedDropout -> _Keyed -> nn.Dropout
+            layer.__class__ = type(layer).base
             del layer._bossflow_index
 
     @contextmanager
@@ -149,7 +148,7 @@ class RowKeyedDropout:
         if self._step is None:
             return plain(x)
         iteration, start, rows, total, blocks = self._step
-        batched_ndim = _KEYED[type(layer).__mro__[2]][1]
+        batched_ndim = type(layer).batched_ndim
         if (
             x.ndim == 0
             or x.shape[0] != rows * blocks
@@ -158,7 +157,7 @@ class RowKeyedDropout:
             if not self._warned and torch.distributed.is_initialized():
                 self._warned = True
                 warnings.warn(
-                    f"dropout layer {type(layer).__mro__[2].__name__} saw input "
+                    f"dropout layer {type(layer).base.__name__} saw input "
                     f"{tuple(x.shape)}, not the batch's {rows * blocks} rows: its masks depend on "
                     "the number of processes",
                     stacklevel=3,
