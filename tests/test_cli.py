@@ -223,6 +223,15 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary(tmp_path, monkeypat
         return real(path, directory=directory)
 
     monkeypatch.setattr(io, "_fsync", terminated_while_writing)
+    from bossflow import distributed
+
+    real_shutdown = distributed.shutdown
+
+    def terminated_again_while_cleaning_up():  # a scheduler's SIGTERM and torchrun's, say
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_shutdown()
+
+    monkeypatch.setattr(distributed, "shutdown", terminated_again_while_cleaning_up)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "s"
     argv = ["schedule", "--nfe", "2", "--kmax", "8", "--samples", "4", "--quiet", "--out", str(out)]
