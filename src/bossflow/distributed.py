@@ -54,12 +54,13 @@ __all__ = [
     "SHARED_FOLDER",
 ]
 
-# Keys in the process group's store (a PrefixStore of the default group: one namespace per run).
 #: what a process that cannot see rank 0's files is told
 SHARED_FOLDER = (
     "the output folder must be one folder that all processes (all nodes) see, with their writes "
     "visible to each other"
 )
+
+# Keys in the process group's store (a PrefixStore of the default group: one namespace per run).
 _FAILURES_KEY = "bossflow/failures"
 _ERROR_KEY = "bossflow/error"
 _POLL_S = 0.05  # how often a waiting rank looks for a peer's failure
